@@ -1,0 +1,1 @@
+"""tritium.kernels: Triton kernels with autograd and PyTorch references."""

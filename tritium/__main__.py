@@ -1,0 +1,3 @@
+from tritium.cli import main
+
+raise SystemExit(main())
