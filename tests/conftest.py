@@ -28,3 +28,40 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+# ---------------------------------------------------------------- shared tokenizer and data (worker F)
+# Trained once per test session (about a second) so any test can use a real sentencepiece tokenizer.
+TINY_TOKENIZER_VOCAB = 2048
+TINY_CORPUS_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A folder holding ``tokenizer.model``: vocab 2048 BPE trained on ~1 MB of the embedded corpus."""
+    from tritium.model.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_tokenizer(None, TINY_TOKENIZER_VOCAB, out, max_bytes=TINY_CORPUS_BYTES)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """The ``Tokenizer`` loaded from ``tiny_tokenizer_dir``."""
+    from tritium.model.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """Shards + manifest.json of ~300 KB of the embedded corpus, tokenized with ``tiny_tokenizer_dir``."""
+    from tritium.model.corpus import embedded_corpus_files
+    from tritium.model.tokenizer import Tokenizer
+    from tritium.train.data import prepare_data
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    prepare_data(embedded_corpus_files(max_bytes=300_000), Tokenizer.load(tiny_tokenizer_dir), out,
+                 val_fraction=0.1, seed=0)
+    return out

@@ -1,0 +1,96 @@
+"""One decoder block and the whole model: a training step (forward, loss,
+backward) per backend, reported as tokens/s and MFU against the measured
+matmul ceiling.
+
+Training FLOPs per token come from ``tritium.model.sizing.flops_per_token``
+(6N plus the attention term), the same count the trainer's MFU uses.
+"""
+from __future__ import annotations
+
+import torch
+
+from tritium.bench.registry import Case, Skip, register
+
+BACKENDS = ("triton", "torch", "torch.compile", "sdpa")
+
+
+def _config(size):
+    from tritium.model.config import ModelConfig
+
+    overrides = {"max_seq_len": max(size["T"], 256)}
+    if size.get("layers"):
+        overrides["num_layers"] = size["layers"]
+    return ModelConfig.from_name(size["preset"], **overrides)
+
+
+def _step_factory(backend: str):
+    def factory(size, mode, device, dtype):
+        from tritium.model.transformer import Transformer
+
+        if backend == "triton" and device != "cuda":
+            raise Skip("the triton backend is timed on CUDA only")
+        if backend == "torch.compile" and device != "cuda":
+            raise Skip("torch.compile baseline runs on CUDA only")
+        cfg = _config(size)
+        model = Transformer(cfg, backend="torch" if backend == "torch.compile" else backend)
+        model.init_weights() if hasattr(model, "init_weights") else None
+        model = model.to(device=device, dtype=dtype)
+        B, T = size["B"], size["T"]
+        ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+        labels = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+        if size["scope"] == "block":
+            block = model.layers[0]
+            x = torch.randn(B, T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
+            positions = torch.arange(T, device=device).expand(B, T)
+
+            def step():
+                out = block(x, positions)
+                out = out[0] if isinstance(out, tuple) else out
+                out.float().square().mean().backward()
+        else:
+            def step():
+                model(ids, labels=labels).backward()
+        if backend == "torch.compile":
+            step = torch.compile(step)
+        return step
+    return factory
+
+
+def _tokens(size, mode):
+    return size["B"] * size["T"]
+
+
+def _flops(size, mode):
+    cfg = _config(size)
+    T = size["T"]
+    if size["scope"] == "block":
+        # 6 FLOPs per parameter per token (fwd + bwd) plus causal attention: QK^T and PV are
+        # 4·T·q_size per token forward without a mask, halved by causality, tripled for training.
+        h, q, kv, f = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.ffn_hidden
+        matrices = 2 * h * q + 2 * h * kv + (3 if cfg.ffn_type == "swiglu" else 2) * h * f
+        per_token = 6 * matrices + 6 * T * q
+    else:
+        from tritium.model.sizing import flops_per_token
+
+        per_token = flops_per_token(cfg, T, training=True)
+    return per_token * size["B"] * T
+
+
+register(Case(
+    name="model_block", area="model",
+    sizes=[{"preset": "1b", "scope": "block", "B": 1, "T": t} for t in (2048, 4096, 8192)],
+    quick_sizes=[{"preset": "1b", "scope": "block", "B": 1, "T": 4096}],
+    cpu_sizes=[{"preset": "tiny", "scope": "block", "B": 2, "T": 64}],
+    providers={b: _step_factory(b) for b in BACKENDS},
+    metric="tokens/s", modes=("fwd+bwd",), work=_tokens, flops=_flops, baseline="torch",
+))
+
+register(Case(
+    name="model_step", area="model",
+    sizes=[{"preset": "1b", "scope": "model", "B": 1, "T": 4096}, {"preset": "1b", "scope": "model", "B": 2, "T": 4096}],
+    quick_sizes=[{"preset": "1b", "scope": "model", "B": 1, "T": 4096}],
+    cpu_sizes=[{"preset": "tiny", "scope": "model", "B": 2, "T": 64, "layers": 2}],
+    providers={b: _step_factory(b) for b in BACKENDS},
+    metric="tokens/s", modes=("fwd+bwd",), work=_tokens, flops=_flops, baseline="torch",
+    note="MFU = model FLOPs/s over the measured bf16 matmul rate (not the datasheet peak)",
+))

@@ -1,0 +1,157 @@
+"""Cost accounting: from measured tokens/s to GPUs needed and dollars per million tokens.
+
+Cost is designed up front: traffic x tokens per request x latency target fixes
+how many model replicas must run, and so what a token costs.  The measured
+side comes from ``tritium serve-bench`` (output tokens/s of one replica at a
+given concurrency, with its TTFT and inter-token latency); the model side, when
+a model config is known, from ``tritium.model.sizing.inference_cost`` (the
+roofline estimate the ``describe --cost`` command prints), so the report can
+show how far the measured server is from the hardware's ceiling.
+
+Throughput rises with concurrency while latency worsens, so a throughput is
+only usable if the latency measured at that concurrency meets the target; the
+estimate says so instead of silently pricing an unusable operating point.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class TrafficTarget:
+    requests_per_s: float = 10.0  # sustained request rate to serve
+    output_tokens_per_request: float = 256.0  # mean generated tokens per request
+    prompt_tokens_per_request: float = 512.0  # mean prompt tokens per request (reported, and for the model side)
+    ttft_p99_s: float | None = None  # latency target: 99th percentile time to first token, seconds
+    itl_p99_s: float | None = None  # latency target: 99th percentile inter-token latency, seconds
+    gpu_hour_usd: float = 2.0  # price of one GPU-hour
+    gpus_per_replica: int = 1  # GPUs one server replica occupies (tensor parallel degree)
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_s", "output_tokens_per_request", "gpu_hour_usd"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"TrafficTarget.{name} must be a positive number, got {value!r}")
+        if self.prompt_tokens_per_request < 0:
+            raise ValueError(f"TrafficTarget.prompt_tokens_per_request must be >= 0, "
+                             f"got {self.prompt_tokens_per_request!r}")
+        for name in ("ttft_p99_s", "itl_p99_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"TrafficTarget.{name} must be positive or None, got {value!r}")
+        if not isinstance(self.gpus_per_replica, int) or self.gpus_per_replica < 1:
+            raise ValueError(f"TrafficTarget.gpus_per_replica must be an integer >= 1, got {self.gpus_per_replica!r}")
+
+
+@dataclass
+class CostEstimate:
+    required_output_tokens_per_s: float  # traffic x output tokens per request
+    measured_output_tokens_per_s: float  # one replica, at the measured concurrency
+    replicas_needed: int  # ceil(required / measured)
+    gpus_needed: int  # replicas x GPUs per replica
+    usd_per_hour: float  # the fleet's hourly price
+    usd_per_1m_output_tokens_at_capacity: float  # one replica fully busy
+    usd_per_1m_output_tokens_at_target: float  # the fleet at the target traffic (includes headroom)
+    meets_latency_target: bool | None  # None when no latency target was given
+    latency_notes: list[str]  # why the target is (not) met
+    model_estimate: dict[str, Any] | None = None  # tritium.model.sizing.inference_cost output, when available
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate_cost(measured_output_tokens_per_s: float, target: TrafficTarget,
+                  measured_ttft_p99_s: float | None = None, measured_itl_p99_s: float | None = None,
+                  model_config: Any = None, gpu: str | None = None) -> CostEstimate:
+    """Price the target traffic from one replica's measured throughput (and latency)."""
+    if not measured_output_tokens_per_s > 0:
+        raise ValueError(f"measured output tokens/s must be positive, got {measured_output_tokens_per_s!r} "
+                         "(did any request succeed?)")
+    required = target.requests_per_s * target.output_tokens_per_request
+    replicas = max(1, math.ceil(required / measured_output_tokens_per_s))
+    gpus = replicas * target.gpus_per_replica
+    usd_per_hour = gpus * target.gpu_hour_usd
+    per_replica_hour = target.gpus_per_replica * target.gpu_hour_usd
+    at_capacity = per_replica_hour / (measured_output_tokens_per_s * 3600.0) * 1e6
+    at_target = usd_per_hour / (required * 3600.0) * 1e6
+
+    notes: list[str] = []
+    meets: bool | None = None
+    checks = [("TTFT p99", target.ttft_p99_s, measured_ttft_p99_s),
+              ("inter-token latency p99", target.itl_p99_s, measured_itl_p99_s)]
+    for label, wanted, measured in checks:
+        if wanted is None:
+            continue
+        meets = True if meets is None else meets
+        if measured is None:
+            notes.append(f"{label}: no measurement")
+            meets = False
+        elif measured > wanted:
+            notes.append(f"{label} {measured * 1e3:.1f} ms exceeds the {wanted * 1e3:.1f} ms target: measure at "
+                         "lower concurrency (less throughput per replica, more replicas)")
+            meets = False
+        else:
+            notes.append(f"{label} {measured * 1e3:.1f} ms meets the {wanted * 1e3:.1f} ms target")
+    return CostEstimate(
+        required_output_tokens_per_s=required,
+        measured_output_tokens_per_s=measured_output_tokens_per_s,
+        replicas_needed=replicas,
+        gpus_needed=gpus,
+        usd_per_hour=usd_per_hour,
+        usd_per_1m_output_tokens_at_capacity=at_capacity,
+        usd_per_1m_output_tokens_at_target=at_target,
+        meets_latency_target=meets,
+        latency_notes=notes,
+        model_estimate=model_side_estimate(model_config, target, gpu) if model_config is not None else None,
+    )
+
+
+def model_side_estimate(model_config: Any, target: TrafficTarget, gpu: str | None = None) -> dict[str, Any] | None:
+    """``tritium.model.sizing.inference_cost`` for the same traffic, or None if sizing is unavailable.
+
+    Only the keyword arguments that function accepts are passed, so this keeps
+    working while the sizing module grows.
+    """
+    try:
+        from tritium.model.sizing import inference_cost
+    except ImportError:
+        return None
+    offered = {
+        "cfg": model_config, "config": model_config, "model_config": model_config,
+        "prompt_tokens": int(target.prompt_tokens_per_request),
+        "output_tokens": int(target.output_tokens_per_request),
+        "requests_per_s": target.requests_per_s, "requests_per_second": target.requests_per_s,
+        "gpu_hour_usd": target.gpu_hour_usd, "usd_per_gpu_hour": target.gpu_hour_usd,
+        "gpu": gpu,
+    }
+    try:
+        params = inspect.signature(inference_cost).parameters
+        kwargs = {k: v for k, v in offered.items() if k in params and v is not None}
+        result = inference_cost(**kwargs)
+    except (TypeError, ValueError, KeyError) as exc:
+        return {"error": f"inference_cost could not price this config: {exc}"}
+    if hasattr(result, "to_dict"):
+        result = result.to_dict()
+    elif hasattr(result, "__dataclass_fields__"):
+        result = asdict(result)
+    return result if isinstance(result, dict) else {"value": result}
+
+
+def format_estimate(est: CostEstimate) -> str:
+    lines = [
+        f"required output tokens/s : {est.required_output_tokens_per_s:,.1f}",
+        f"measured tokens/s/replica: {est.measured_output_tokens_per_s:,.1f}",
+        f"replicas needed          : {est.replicas_needed} ({est.gpus_needed} GPU(s), ${est.usd_per_hour:,.2f}/h)",
+        f"$ per 1M output tokens   : {est.usd_per_1m_output_tokens_at_capacity:,.4f} at capacity, "
+        f"{est.usd_per_1m_output_tokens_at_target:,.4f} at the target traffic",
+    ]
+    if est.meets_latency_target is not None:
+        lines.append(f"latency target met       : {'yes' if est.meets_latency_target else 'NO'}")
+    lines += [f"  - {note}" for note in est.latency_notes]
+    if est.model_estimate:
+        lines.append("model-side estimate (tritium.model.sizing.inference_cost):")
+        lines += [f"  {k}: {v}" for k, v in est.model_estimate.items()]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""``tritium demo``: the four stages of a model's life on the embedded default.
+
+Every step is an ordinary ``tritium`` command, printed before it runs, so a
+user can rerun any of them with their own data.  Everything lands in one run
+folder, summarised in ``report.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HELP = "run the whole lifecycle (before, during, alignment, after) on the embedded default"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="run folder (default: runs/demo-<timestamp>)")
+    parser.add_argument("--quick", action="store_true", help="the short form (< 3 minutes on 2 CPU cores)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="training ranks (default: 2 on CPU, every GPU on a GPU machine)")
+    parser.add_argument("--skip-serve", action="store_true", help="stop after generation (no HTTP server)")
+
+
+@dataclass
+class Demo:
+    out: Path
+    quick: bool
+    nproc: int
+    log: list[dict] = field(default_factory=list)
+
+    def tritium(self, *args: str, title: str, check: bool = True, env: dict | None = None,
+                capture: bool = False) -> subprocess.CompletedProcess:
+        shown = "tritium " + " ".join(shlex.quote(str(a)) for a in args)
+        print(f"\n\033[1m$ {shown}\033[0m   # {title}", flush=True)
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-m", "tritium.cli", *map(str, args)], text=True,
+                              env={**os.environ, **(env or {})},
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.STDOUT if capture else None)
+        seconds = time.time() - start
+        if capture and proc.stdout:
+            print(proc.stdout, end="")
+        self.log.append({"command": shown, "title": title, "seconds": round(seconds, 1), "exit": proc.returncode})
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"demo step failed ({title}): `{shown}` exited {proc.returncode}")
+        return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} already holds files; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    nproc = args.nproc or _default_nproc()
+    demo = Demo(out=out, quick=args.quick, nproc=nproc)
+    started = time.time()
+    q = args.quick
+    steps = {"pretrain": 40 if q else 600, "sft": 30 if q else 300, "dpo": 10 if q else 80}
+
+    print("\n=== 1. Before: the dials fix the shape, the tokenizer fixes the vocabulary ===")
+    for preset in ("tiny", "seed-7b", "llama2-7b"):
+        demo.tritium("describe", "--preset", preset, "--gpus", "8", title=f"size the {preset} preset")
+    demo.tritium("tokenizer", "train", "--vocab-size", "2048", "--out", out / "tokenizer",
+                 *(["--max-mb", "2"] if q else []), title="train a sentencepiece BPE tokenizer on the embedded corpus")
+    demo.tritium("data", "prepare", "--tokenizer", out / "tokenizer", "--out", out / "data",
+                 *(["--max-mb", "2"] if q else []), title="tokenize the embedded corpus into shards")
+
+    print("\n=== 2. During: pretraining on DeepSpeed ZeRO ===")
+    demo.tritium("train", "--preset", "tiny", "--nproc", nproc, "--zero-stage", "2", "--data", out / "data",
+                 "--max-steps", steps["pretrain"], "--out", out / "pretrain", "--save-init-sample",
+                 title=f"pretrain the tiny model, {nproc} ranks, ZeRO-2")
+
+    print("\n=== 3. Alignment: SFT, then DPO, measured ===")
+    demo.tritium("sft", "--checkpoint", out / "pretrain" / "final", "--nproc", nproc, "--max-steps", steps["sft"],
+                 "--out", out / "sft", title="supervised fine-tuning on the embedded instruction tasks")
+    demo.tritium("dpo", "--checkpoint", out / "sft" / "final", "--nproc", nproc, "--max-steps", steps["dpo"],
+                 "--out", out / "dpo", title="preference tuning (DPO) against the SFT model as reference")
+    demo.tritium("align-eval", "--checkpoint", out / "pretrain" / "final", out / "sft" / "final",
+                 out / "dpo" / "final", "--out", out / "align-eval", *(["--limit", "40"] if q else []),
+                 title="before/after table: exact match, format compliance, preference accuracy")
+
+    print("\n=== 4. After: frozen weights, KV-cached generation, an OpenAI-compatible server ===")
+    demo.tritium("generate", "--checkpoint", out / "dpo" / "final", "--chat", "--max-tokens", "24",
+                 "--temperature", "0", "reverse the word: tritium", title="stream a chat answer with the KV cache")
+    if not args.skip_serve:
+        _serve_stage(demo)
+    _write_report(demo, time.time() - started)
+    print(f"\n[demo] done in {time.time() - started:.0f} s. Everything is in {out}/ (summary: {out / 'report.md'})")
+    return 0
+
+
+def _serve_stage(demo: Demo) -> None:
+    import httpx
+
+    port = _free_port()
+    ckpt = demo.out / "dpo" / "final"
+    cmd = ["tritium", "serve", "--checkpoint", str(ckpt), "--port", str(port)]
+    print(f"\n\033[1m$ {' '.join(cmd)} &\033[0m   # serve on 127.0.0.1 in the background", flush=True)
+    log_file = open(demo.out / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "tritium.cli", *cmd[1:]], stdout=log_file,
+                              stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited early ({server.returncode}); see {demo.out / 'serve.log'}")
+            try:
+                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("server did not become ready within 120 s")
+        exchanges = []
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for prompt in ("add 17 and 25", "reverse the word: model", "sort: 5 2 9 1"):
+                body = {"model": "tritium", "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": 24, "temperature": 0}
+                print(f"POST /v1/chat/completions {json.dumps(body)}")
+                reply = client.post("/v1/chat/completions", json=body).json()
+                answer = reply["choices"][0]["message"]["content"]
+                print(f"  -> {answer!r}  usage={reply['usage']}")
+                exchanges.append({"prompt": prompt, "answer": answer, "usage": reply["usage"]})
+            metrics = client.get("/metrics").text
+        shown = [line for line in metrics.splitlines() if line.startswith("tritium_") and "_bucket" not in line]
+        print("GET /metrics (excerpt):\n  " + "\n  ".join(shown[:14]))
+        (demo.out / "serve_exchanges.json").write_text(json.dumps(exchanges, indent=2) + "\n")
+        demo.tritium("serve-bench", "--url", base, "--concurrency", "4", "--requests", "8" if demo.quick else "32",
+                     "--max-tokens", "16", "--out", demo.out / "serve-bench",
+                     title="load the server and turn measured tokens/s into GPUs needed and cost per 1M tokens")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log_file.close()
+
+
+def _write_report(demo: Demo, seconds: float) -> None:
+    out = demo.out
+    lines = [f"# tritium demo report", "", f"Run folder: `{out}`; {demo.nproc} training ranks; "
+             f"{'quick' if demo.quick else 'default'} form; {seconds:.0f} s in all.", "",
+             "| step | command | seconds |", "|---|---|---|"]
+    lines += [f"| {e['title']} | `{e['command']}` | {e['seconds']} |" for e in demo.log]
+    for title, path in (("Alignment before/after", out / "align-eval" / "table.md"),
+                        ("Serving load and cost", out / "serve-bench" / "report.md")):
+        if path.exists():
+            lines += ["", f"## {title}", "", path.read_text()]
+    for png in sorted(out.rglob("*.png")):
+        lines += ["", f"![{png.stem}]({png.relative_to(out)})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
