@@ -217,3 +217,66 @@ def sft_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tenso
     num_targets = target.sum()
     loss = token_nll.sum() / num_targets.clamp(min=1)
     return loss, {"target_tokens": float(num_targets), "num_tokens": batch["input_ids"].numel()}
+
+
+# ------------------------------------------------------------------------------------- the run
+def sft_datasets(tokenizer: Any, cfg: SFTConfig, data: str | None = None, val_data: str | None = None
+                 ) -> tuple[list, list, dict[str, Any]]:
+    """(train examples, val examples, info) from JSONL files or, without ``data``, the embedded tasks.
+
+    With ``data`` but no ``val_data``, a seed-fixed 5% of the conversations (at least one) is held out.
+    """
+    from tritium.align.data import load_sft_jsonl
+    from tritium.align.tasks import make_splits, sft_conversations
+
+    info: dict[str, Any] = {}
+    if data is None:
+        splits = make_splits(seed=cfg.seed, per_task=cfg.per_task)
+        train_convs, val_convs = sft_conversations(splits["train"]), sft_conversations(splits["val"])
+        info["source"] = f"embedded tasks (seed {cfg.seed}, {cfg.per_task} prompts per task)"
+    else:
+        train_convs, stats = load_sft_jsonl(data, skip_malformed=cfg.skip_malformed)
+        info["source"], info["read"] = str(data), stats.summary()
+        if val_data is not None:
+            val_convs, val_stats = load_sft_jsonl(val_data, skip_malformed=cfg.skip_malformed)
+            info["val_read"] = val_stats.summary()
+        else:
+            order = list(range(len(train_convs)))
+            random.Random(f"sft-val:{cfg.seed}").shuffle(order)
+            n_val = max(1, len(order) // 20) if len(order) > 1 else 0
+            held = set(order[:n_val])
+            val_convs = [c for i, c in enumerate(train_convs) if i in held]
+            train_convs = [c for i, c in enumerate(train_convs) if i not in held]
+    train, train_stats = tokenize_conversations(tokenizer, train_convs, cfg.seq_len, cfg.truncation)
+    val, _ = tokenize_conversations(tokenizer, val_convs, cfg.seq_len, cfg.truncation, warn=False)
+    info["train_tokenize"], info["val_examples"] = asdict(train_stats), len(val)
+    return train, val, info
+
+
+def _sft_eval_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    # validation is weighted by target tokens, so val_loss is the exact mean completion NLL
+    loss, metrics = sft_loss(model, batch)
+    return loss, {"num_tokens": metrics["target_tokens"]}
+
+
+def train_sft(train_cfg: Any, cfg: SFTConfig, checkpoint: str, data: str | None = None,
+              val_data: str | None = None):
+    """Fine-tune ``checkpoint`` on the SFT data with ``tritium.train.trainer.fit`` (the shared loop).
+
+    Returns fit's ``RunResult``; the run folder gets config.json (with an "sft" section), metrics.jsonl,
+    checkpoints/, final/ (HF layout + tokenizer.model) and loss.png.
+    """
+    from tritium.model.tokenizer import Tokenizer
+    from tritium.train.trainer import fit
+
+    tokenizer = Tokenizer.load(checkpoint)
+    if train_cfg.seq_len != cfg.seq_len:
+        cfg.seq_len = train_cfg.seq_len  # one length: rows are packed to exactly the loop's seq_len
+    train, val, info = sft_datasets(tokenizer, cfg, data, val_data)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
+    source = SFTBatches(train, cfg.seq_len, pad_id, train_cfg.micro_batch, seed=cfg.seed, packing=cfg.packing)
+    val_source = SFTBatches(val, cfg.seq_len, pad_id, train_cfg.micro_batch, seed=cfg.seed, packing=cfg.packing,
+                            shuffle=False) if val else None
+    return fit(train_cfg, make_batches=source, loss_fn=sft_loss, tokenizer=tokenizer, init_from=checkpoint,
+               make_eval_batches=val_source.finite if val_source else None, eval_loss_fn=_sft_eval_loss,
+               extra_config={"sft": cfg.to_dict(), "sft_data": info, "checkpoint": str(checkpoint)})

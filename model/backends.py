@@ -23,6 +23,7 @@ only; as a base they leave the other components on ``torch`` so a benchmark of
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,10 +109,8 @@ def _resolve(spec: str, device_type: str) -> Ops:
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, scaling: dict | None, device) -> tuple:
     """fp32 (seq_len, head_dim) cos/sin tables in the Hugging Face rotate_half layout."""
-    try:
-        from tritium.kernels.rope import rope_cos_sin as tables
-    except ModuleNotFoundError:  # TEMPORARY until kernels/rope.py lands
-        tables = _PRIVATE["rope_cos_sin_ref"]
+    from tritium.kernels.rope import rope_cos_sin as tables
+
     return tables(seq_len, head_dim, theta=theta, scaling=scaling, device=device, dtype=torch.float32)
 
 
@@ -177,14 +176,7 @@ _ATTENTION = {"torch": _attention_torch, "triton": _attention_triton, "sdpa": la
 # --------------------------------------------------------------------------- norm, mlp, rope, loss
 def _kernel(module: str, name: str):
     def get():
-        import importlib
-
-        try:
-            return getattr(importlib.import_module(f"tritium.kernels.{module}"), name)
-        except (ModuleNotFoundError, AttributeError):
-            if name.endswith("_ref") and name in _PRIVATE:  # TEMPORARY until the kernel file lands
-                return _PRIVATE[name]
-            raise
+        return getattr(importlib.import_module(f"tritium.kernels.{module}"), name)
     return get
 
 
@@ -200,70 +192,3 @@ _NORM = {"torch": _kernel("rms_norm", "rms_norm_ref"), "triton": _kernel("rms_no
 _MLP = {"torch": _kernel("swiglu", "swiglu_ref"), "triton": _kernel("swiglu", "swiglu")}
 _ROPE = {"torch": _kernel("rope", "apply_rope_ref"), "triton": _kernel("rope", "apply_rope")}
 _LOSS = {"torch": _loss("fused_linear_cross_entropy_ref"), "triton": _loss("fused_linear_cross_entropy")}
-
-
-# --------------------------------------------------------------------------- TEMPORARY private references
-def _rms_norm_ref(x, weight, eps=1e-6, residual=None):
-    if residual is not None:
-        x = x + residual
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-    return (y, x) if residual is not None else y
-
-
-def _swiglu_ref(gate, up):
-    return F.silu(gate.float()).to(gate.dtype) * up
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope_ref(q, k, cos, sin, position_ids=None):
-    if position_ids is not None:
-        cos, sin = cos[position_ids], sin[position_ids]  # (B, T, D)
-    elif cos.dim() == 2:
-        cos, sin = cos[: q.shape[1]], sin[: q.shape[1]]
-    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()  # broadcast over heads
-    rot = lambda x: (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)  # noqa: E731
-    return rot(q), rot(k)
-
-
-def _rope_cos_sin(seq_len, head_dim, theta=10000.0, scaling=None, device=None, dtype=torch.float32):
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported by the private reference")
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _attention_ref(q, k, v, causal=True, **_):
-    group = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / q.shape[-1] ** 0.5
-    if causal:
-        T, S = q.shape[1], k.shape[1]
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.float()).to(q.dtype)
-
-
-def _varlen_attention_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, **_):
-    bounds = cu_q.tolist()
-    return torch.cat([_attention_ref(q[None, s:e], k[None, s:e], v[None, s:e], causal)[0]
-                      for s, e in zip(bounds[:-1], bounds[1:])])
-
-
-def _flce_ref(hidden, weight, targets, ignore_index=-100, reduction="mean"):
-    logits = (hidden @ weight.t()).float()
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
-
-
-_PRIVATE = {"rms_norm_ref": _rms_norm_ref, "swiglu_ref": _swiglu_ref, "apply_rope_ref": _apply_rope_ref,
-            "rope_cos_sin_ref": _rope_cos_sin, "attention_ref": _attention_ref,
-            "varlen_attention_ref": _varlen_attention_ref, "fused_linear_cross_entropy_ref": _flce_ref}

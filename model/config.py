@@ -168,7 +168,7 @@ class ModelConfig:
                 vocab_size=hf["vocab_size"],
                 max_seq_len=hf.get("max_position_embeddings", 4096),
                 rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-                rope_scaling=hf.get("rope_scaling"),
+                rope_scaling=hf.get("rope_scaling") or _scaling_from_rope_parameters(hf.get("rope_parameters")),
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 initializer_range=hf.get("initializer_range", 0.02),
@@ -176,6 +176,13 @@ class ModelConfig:
             )
         except KeyError as exc:
             raise ValueError(f"Hugging Face config is missing required field {exc.args[0]!r}") from None
+
+
+def _scaling_from_rope_parameters(rope: dict[str, Any] | None) -> dict[str, Any] | None:
+    """transformers >= 5 writes ``rope_parameters`` (theta + scaling in one dict) instead of ``rope_scaling``."""
+    if not rope or rope.get("rope_type", rope.get("type", "default")) == "default":
+        return None
+    return {k: v for k, v in rope.items() if k != "rope_theta"}
 
 
 # Named presets.  llama2-7b must count exactly 6,738,415,616 parameters.

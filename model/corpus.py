@@ -93,7 +93,9 @@ def iter_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
                     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise ValueError(f"{path}:{line_number}: each JSONL record needs a string 'text' field")
+                        # a data error in the file, not a programming type error
+                        raise ValueError(  # noqa: TRY004
+                            f"{path}:{line_number}: each JSONL record needs a string 'text' field")
                     if record["text"]:
                         yield record["text"]
         else:

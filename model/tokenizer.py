@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def load(cls, path_or_dir: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path_or_dir: str | os.PathLike) -> Tokenizer:
         """Load ``tokenizer.model`` from a file path or from a folder holding one."""
         path = Path(path_or_dir)
         if path.is_dir():
@@ -256,6 +257,15 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike] | None, vocab_size: int,
             minloglevel=2)
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        needed = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+        if needed:
+            raise ValueError(f"vocab_size={vocab_size} is too small: the specials, 256 byte pieces and the "
+                             f"input's characters need {needed.group(2)} pieces before any merge; use a larger "
+                             "--vocab-size") from None
+        at_most = re.search(r"value <= (\d+)", message)
+        if at_most:
+            raise ValueError(f"vocab_size={vocab_size} is more than {len(sentences)} lines of input can fill "
+                             f"(at most {at_most.group(1)}); use a smaller --vocab-size or more input") from None
         if "Vocabulary size" in message or "vocab_size" in message:
             raise ValueError(f"cannot learn vocab_size={vocab_size} from {len(sentences)} lines of text: "
                              f"{message}; use a smaller --vocab-size or more input") from None

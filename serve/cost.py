@@ -14,7 +14,6 @@ estimate says so instead of silently pricing an unusable operating point.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,13 +24,14 @@ class TrafficTarget:
     requests_per_s: float = 10.0  # sustained request rate to serve
     output_tokens_per_request: float = 256.0  # mean generated tokens per request
     prompt_tokens_per_request: float = 512.0  # mean prompt tokens per request (reported, and for the model side)
+    latency_s: float = 10.0  # end-to-end latency target per request (sizing's Little's-law input)
     ttft_p99_s: float | None = None  # latency target: 99th percentile time to first token, seconds
     itl_p99_s: float | None = None  # latency target: 99th percentile inter-token latency, seconds
     gpu_hour_usd: float = 2.0  # price of one GPU-hour
     gpus_per_replica: int = 1  # GPUs one server replica occupies (tensor parallel degree)
 
     def __post_init__(self) -> None:
-        for name in ("requests_per_s", "output_tokens_per_request", "gpu_hour_usd"):
+        for name in ("requests_per_s", "output_tokens_per_request", "gpu_hour_usd", "latency_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 raise ValueError(f"TrafficTarget.{name} must be a positive number, got {value!r}")
@@ -65,7 +65,7 @@ class CostEstimate:
 
 def estimate_cost(measured_output_tokens_per_s: float, target: TrafficTarget,
                   measured_ttft_p99_s: float | None = None, measured_itl_p99_s: float | None = None,
-                  model_config: Any = None, gpu: str | None = None) -> CostEstimate:
+                  model_config: Any = None) -> CostEstimate:
     """Price the target traffic from one replica's measured throughput (and latency)."""
     if not measured_output_tokens_per_s > 0:
         raise ValueError(f"measured output tokens/s must be positive, got {measured_output_tokens_per_s!r} "
@@ -105,39 +105,39 @@ def estimate_cost(measured_output_tokens_per_s: float, target: TrafficTarget,
         usd_per_1m_output_tokens_at_target=at_target,
         meets_latency_target=meets,
         latency_notes=notes,
-        model_estimate=model_side_estimate(model_config, target, gpu) if model_config is not None else None,
+        model_estimate=(model_side_estimate(model_config, target, measured_output_tokens_per_s)
+                        if model_config is not None else None),
     )
 
 
-def model_side_estimate(model_config: Any, target: TrafficTarget, gpu: str | None = None) -> dict[str, Any] | None:
-    """``tritium.model.sizing.inference_cost`` for the same traffic, or None if sizing is unavailable.
+def model_side_estimate(model_config: Any, target: TrafficTarget,
+                        measured_output_tokens_per_s: float | None = None) -> dict[str, Any] | None:
+    """``tritium.model.sizing.inference_cost`` for the same traffic, fed the measured tokens/s.
 
-    Only the keyword arguments that function accepts are passed, so this keeps
-    working while the sizing module grows.
+    None when the sizing module is unavailable.  The measured rate is per
+    replica; sizing wants it per GPU.  Prefill is left to sizing's roofline
+    (the measured decode rate already paid for the prefills it ran alongside).
     """
     try:
         from tritium.model.sizing import inference_cost
     except ImportError:
         return None
-    offered = {
-        "cfg": model_config, "config": model_config, "model_config": model_config,
-        "prompt_tokens": int(target.prompt_tokens_per_request),
-        "output_tokens": int(target.output_tokens_per_request),
-        "requests_per_s": target.requests_per_s, "requests_per_second": target.requests_per_s,
-        "gpu_hour_usd": target.gpu_hour_usd, "usd_per_gpu_hour": target.gpu_hour_usd,
-        "gpu": gpu,
-    }
+    per_gpu = (measured_output_tokens_per_s / target.gpus_per_replica
+               if measured_output_tokens_per_s else None)
     try:
-        params = inspect.signature(inference_cost).parameters
-        kwargs = {k: v for k, v in offered.items() if k in params and v is not None}
-        result = inference_cost(**kwargs)
+        result = inference_cost(model_config, requests_per_s=target.requests_per_s,
+                                prompt_tokens=int(target.prompt_tokens_per_request),
+                                output_tokens=max(1, int(target.output_tokens_per_request)),
+                                latency_s=target.latency_s, tokens_per_s_per_gpu=per_gpu,
+                                gpu_hour_price=target.gpu_hour_usd)
     except (TypeError, ValueError, KeyError) as exc:
         return {"error": f"inference_cost could not price this config: {exc}"}
-    if hasattr(result, "to_dict"):
-        result = result.to_dict()
-    elif hasattr(result, "__dataclass_fields__"):
-        result = asdict(result)
-    return result if isinstance(result, dict) else {"value": result}
+    result = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    if per_gpu is not None:
+        result["notes"] = [n for n in result.get("notes", []) if "roofline" not in n] + [
+            ("decode tokens/s is the measured rate; the prefill rate is sizing's roofline estimate (the measured "
+             "rate already paid for the prefills that ran alongside decoding)")]
+    return result
 
 
 def format_estimate(est: CostEstimate) -> str:
@@ -145,13 +145,21 @@ def format_estimate(est: CostEstimate) -> str:
         f"required output tokens/s : {est.required_output_tokens_per_s:,.1f}",
         f"measured tokens/s/replica: {est.measured_output_tokens_per_s:,.1f}",
         f"replicas needed          : {est.replicas_needed} ({est.gpus_needed} GPU(s), ${est.usd_per_hour:,.2f}/h)",
-        f"$ per 1M output tokens   : {est.usd_per_1m_output_tokens_at_capacity:,.4f} at capacity, "
-        f"{est.usd_per_1m_output_tokens_at_target:,.4f} at the target traffic",
+        (f"$ per 1M output tokens   : {est.usd_per_1m_output_tokens_at_capacity:,.4f} at capacity, "
+         f"{est.usd_per_1m_output_tokens_at_target:,.4f} at the target traffic"),
     ]
     if est.meets_latency_target is not None:
         lines.append(f"latency target met       : {'yes' if est.meets_latency_target else 'NO'}")
     lines += [f"  - {note}" for note in est.latency_notes]
-    if est.model_estimate:
-        lines.append("model-side estimate (tritium.model.sizing.inference_cost):")
-        lines += [f"  {k}: {v}" for k, v in est.model_estimate.items()]
+    model = est.model_estimate
+    if model and "error" in model:
+        lines.append(f"sizing model: {model['error']}")
+    elif model:
+        lines.append("sizing model (tritium.model.sizing.inference_cost, with the measured tokens/s):")
+        for key in ("gpus_per_replica", "gpus_for_compute", "gpus_for_memory", "gpus_needed", "utilization",
+                    "cost_per_million_output_tokens", "cost_per_million_tokens", "latency_feasible"):
+            if key in model:
+                value = model[key]
+                lines.append(f"  {key}: {value:,.4g}" if isinstance(value, float) else f"  {key}: {value}")
+        lines += [f"  note: {note}" for note in model.get("notes", [])]
     return "\n".join(lines)

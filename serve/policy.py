@@ -88,7 +88,7 @@ class OutputPolicy:
             raise ValueError(f"policy output.blocked_action must be one of {BLOCKED_ACTIONS}, "
                              f"got {self.blocked_action!r}")
         if not isinstance(self.redaction, str):
-            raise ValueError("policy output.redaction must be a string")
+            raise TypeError("policy output.redaction must be a string")
         _check_positive("output.max_chars", self.max_chars)
         if not isinstance(self.json_retries, int) or isinstance(self.json_retries, bool) or self.json_retries < 0:
             raise ValueError(f"policy output.json_retries must be an integer >= 0, got {self.json_retries!r}")
@@ -96,7 +96,7 @@ class OutputPolicy:
             import jsonschema
 
             if not isinstance(self.json_schema, dict):
-                raise ValueError("policy output.json_schema must be a JSON object (a schema)")
+                raise TypeError("policy output.json_schema must be a JSON object (a schema)")
             try:
                 jsonschema.validators.validator_for(self.json_schema).check_schema(self.json_schema)
             except jsonschema.SchemaError as exc:
@@ -116,9 +116,9 @@ class Policy:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None, source: str | None = None) -> "Policy":
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None, source: str | None = None) -> Policy:
         if not isinstance(data, dict):
-            raise ValueError("policy must be a mapping with 'input' and/or 'output' sections")
+            raise TypeError("policy must be a mapping with 'input' and/or 'output' sections")
         unknown = sorted(set(data) - {"input", "output"})
         if unknown:
             raise ValueError(f"policy: unknown section(s) {unknown}; expected 'input' and/or 'output'")
@@ -138,23 +138,19 @@ class Policy:
         return cls(input=input_cfg, output=output_cfg, source=source)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Policy":
+    def load(cls, path: str | Path) -> Policy:
         """Read a policy from a ``.yaml``/``.yml`` or ``.json`` file."""
         path = Path(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
             raise FileNotFoundError(f"policy file not found: {path}") from None
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
+        import yaml
 
-                data = yaml.safe_load(text)  # YAML is a superset of JSON
-        except (json.JSONDecodeError, ValueError) as exc:
-            raise ValueError(f"policy file {path} could not be parsed: {exc}") from None
-        except Exception as exc:  # yaml.YAMLError
+        try:
+            # YAML is a superset of JSON, but a .json file gets JSON's stricter parser and messages.
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
             raise ValueError(f"policy file {path} could not be parsed: {exc}") from None
         return cls.from_dict(data or {}, base_dir=path.parent, source=str(path))
 
@@ -184,7 +180,7 @@ class Policy:
                                                       f"at most {limit}")
 
     # ------------------------------------------------------------------ output checks
-    def output_filter(self) -> "OutputFilter":
+    def output_filter(self) -> OutputFilter:
         return OutputFilter(self.output)
 
     @property
@@ -288,7 +284,7 @@ class OutputFilter:
 def _section(data: dict[str, Any], name: str, cls: type) -> Any:
     values = data.get(name) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"policy section {name!r} must be a mapping")
+        raise TypeError(f"policy section {name!r} must be a mapping")
     known = set(cls.__dataclass_fields__)
     if name == "output":
         known.add("json_schema_file")
@@ -305,4 +301,4 @@ def _check_positive(name: str, value: Any) -> None:
 
 def _check_str_list(name: str, value: Any) -> None:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"policy {name} must be a list of strings, got {value!r}")
+        raise TypeError(f"policy {name} must be a list of strings, got {value!r}")

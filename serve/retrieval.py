@@ -4,7 +4,7 @@
 splits each into chunks of about ``chunk_chars`` characters (on paragraph
 boundaries where possible, with a small overlap so a fact cut at a boundary
 survives in one piece) and indexes them with BM25 (the ``rank_bm25`` package),
-the well-tried lexical ranking.  Per request the server retrieves the top-k
+the well-tried lexical ranking (with Lucene's always-positive idf, see ``_bm25``).  Per request the server retrieves the top-k
 chunks for the user's question and injects them with ``CONTEXT_TEMPLATE``:
 
     Answer using the context below. Cite sources as [n].
@@ -22,6 +22,7 @@ standard clients ignore).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,21 +93,41 @@ def split_text(text: str, chunk_chars: int = 800, overlap_chars: int = 100) -> l
     return chunks
 
 
+def _bm25(corpus: list[list[str]]):
+    """rank_bm25's Okapi BM25 with Lucene's idf, log(1 + (N - df + 0.5) / (df + 0.5)).
+
+    Okapi's own idf, log((N - df + 0.5) / (df + 0.5)), is zero or negative for
+    a word in half the documents or more: in a small docs folder (two files, a
+    handful of chunks) the very word that names the topic scores nothing.
+    Lucene's form is always positive and ranks the same on large corpora.
+    """
+    from rank_bm25 import BM25Okapi
+
+    class LuceneIdfBM25(BM25Okapi):
+        def _calc_idf(self, nd: dict[str, int]) -> None:
+            n = self.corpus_size
+            self.idf = {word: math.log(1.0 + (n - df + 0.5) / (df + 0.5)) for word, df in nd.items()}
+            self.average_idf = sum(self.idf.values()) / max(len(self.idf), 1)
+
+    return LuceneIdfBM25(corpus)
+
+
 class DocIndex:
     """BM25 over chunks of local text files."""
 
     def __init__(self, chunks: list[Chunk], root: str | None = None):
-        from rank_bm25 import BM25Okapi
-
         if not chunks:
             raise ValueError(f"no text found to index{f' in {root}' if root else ''} "
                              f"(looked for {', '.join(DOC_SUFFIXES)} files)")
         self.chunks = chunks
         self.root = root
-        self._bm25 = BM25Okapi([tokenize_words(c.text) or [""] for c in chunks])
+        self._bm25 = _bm25([tokenize_words(c.text) or [""] for c in chunks])
 
     @classmethod
-    def from_dir(cls, docs_dir: str | Path, chunk_chars: int = 800, overlap_chars: int = 100) -> "DocIndex":
+    def from_dir(cls, docs_dir: str | Path, chunk_chars: int = 800, overlap_chars: int | None = None) -> DocIndex:
+        """Index every .txt/.md file under ``docs_dir``; overlap defaults to chunk_chars / 8 (at most 100)."""
+        if overlap_chars is None:
+            overlap_chars = min(100, chunk_chars // 8)
         root = Path(docs_dir)
         if not root.exists():
             raise FileNotFoundError(f"--docs folder not found: {root}")
@@ -135,7 +156,7 @@ class DocIndex:
         ranked = sorted(range(len(self.chunks)), key=lambda i: (-scores[i], i))
         hits = []
         for i in ranked:
-            # BM25's idf can be <= 0 for words in most chunks; require a real word overlap instead.
+            # A chunk sharing no word with the query scores 0: never inject it.
             if not query_set.intersection(tokenize_words(self.chunks[i].text)):
                 continue
             hits.append(Hit(self.chunks[i], float(scores[i])))

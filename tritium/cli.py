@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = args._run(args)
+    except BrokenPipeError:  # `tritium describe --json | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("tritium: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,64 @@
+"""Shared plumbing of ``tritium sft`` and ``tritium dpo``: defaults, and spawning ranks with T's launcher.
+
+A command resolves everything in the parent process (configs, data checks, cached reference log-probs),
+writes it to ``OUT/launch_config.json`` and, for ``--nproc > 1``, starts the ranks with
+``tritium.train.launch`` running ``python -m <module> --launch-file OUT/launch_config.json``.  Each rank
+reads the file and calls the same function the single-process path calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+
+def train_config_from_args(args: argparse.Namespace, defaults: dict[str, Any]):
+    """``TrainConfig.from_args`` with command-specific defaults for the flags the user did not give."""
+    from tritium.train.config import TrainConfig
+
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None and not getattr(args, "config", None):  # a --config file wins
+            setattr(args, name, value)
+    return TrainConfig.from_args(args)
+
+
+def launch_or_run(train_cfg: Any, payload: dict[str, Any], module: str,
+                  run_rank: Callable[[dict[str, Any]], int]) -> int:
+    """Run ``run_rank(payload)`` here (one process), or spawn ``train_cfg.nproc`` ranks that do."""
+    from tritium.train.launch import launcher_command, planned_world_size, spawn
+
+    world = planned_world_size(train_cfg)
+    train_cfg.validate(world)
+    payload = {**payload, "train": train_cfg.to_dict()}
+    if world == 1:
+        return run_rank(payload)
+    out = Path(train_cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    launch_file = out / "launch_config.json"
+    launch_file.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    command = launcher_command(train_cfg, ["--launch-file", str(launch_file)], module=module)
+    print(f"tritium: {' '.join(command)}", file=sys.stderr, flush=True)
+    return spawn(command)
+
+
+def rank_main(argv: list[str] | None, run_rank: Callable[[dict[str, Any]], int], prog: str) -> int:
+    """Entry point of ``python -m tritium.align.cli_sft|cli_dpo --launch-file FILE`` on every rank."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--launch-file", required=True)
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    payload = json.loads(Path(args.launch_file).read_text())
+    return run_rank(payload)
+
+
+def print_done(name: str, result: Any) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    where = f"; model in {result.final_dir}" if result.final_dir else ""
+    loss = None if result.last_loss is None else round(result.last_loss, 4)
+    print(f"tritium {name}: {result.steps} steps on {result.world_size} rank(s), last loss {loss}{where}",
+          flush=True)

@@ -1,0 +1,423 @@
+"""Decode attention over a KV cache: flash-decoding (split-K) with contiguous or paged caches.
+
+``flash_attn_with_kvcache`` follows flash-attn: q (B, Tq, Hq, D); the cache is either contiguous
+(B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) with ``block_table`` (B, max_blocks)
+int32 mapping logical block i of sequence b to a physical block. ``cache_seqlens`` (B,) int32 counts
+the tokens already in the cache; new k/v (B, Tq, Hkv, D), when given, are written in place at
+positions cache_seqlens[b] .. cache_seqlens[b] + Tq - 1 and attended too. The caller advances
+cache_seqlens. The queries sit at the end of the sequence, so causal masking is bottom-right
+aligned: query t sees key j iff j <= t + seqlen_k - Tq (and the window, as in attention.py).
+
+Why split-K: at batch 1, one program per (batch, kv head) leaves most SMs idle while it streams
+a long cache. The key range is cut into ``num_splits`` chunks, each program writes a partial
+(out_s, lse_s) for its chunk, and a combine kernel merges them exactly:
+    lse = log sum_s exp(lse_s),   out = sum_s exp(lse_s - lse) out_s
+GQA: one program loads each K/V tile of a kv head once and uses it for all GROUP q heads and Tq
+query tokens of that head (the rows of the tile are (q head, token) pairs), so cache bytes are
+read once per kv head, not once per q head. Inference only: no autograd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, interpreter_enabled
+from tritium.kernels.attention import (
+    LOG2E,
+    MAX_HEAD_DIM,
+    _allowed,
+    _dot_precision,
+    _tanh,
+    _window,
+    attention_ref,
+)
+
+INTERPRET_BLOCK_N = 32
+# Key ranges per split are multiples of this, so every autotuned BLOCK_N divides them.
+SPLIT_ALIGN = 128
+MAX_SPLITS = 128
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split_kernel(
+    Q, K_cache, V_cache, cache_seqlens, block_table, O, LSE, O_part, LSE_part,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh, stride_bt,
+    batch, seqlen_q, num_new, full_seqlen_k, split_len, page_size,
+    score_scale, softcap_log2, window_left, window_right,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_M (q head of the group, query token) rows x one kv head x one key chunk.
+
+    SPLIT: writes the chunk's normalised partial output and its lse (log2 units, -inf when the
+    chunk has no visible key) to O_part/LSE_part; otherwise writes the final O and lse (natural).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // NUM_KV_HEADS).to(tl.int64)  # int64: b * stride of a large cache overflows int32
+    kv_head = pid_bh % NUM_KV_HEADS
+    if HAS_SEQLENS:
+        seqlen_k = tl.load(cache_seqlens + b) + num_new
+    else:
+        seqlen_k = full_seqlen_k
+    diag = seqlen_k - seqlen_q
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP * seqlen_q
+    g = rows // seqlen_q
+    t = rows % seqlen_q
+    head = kv_head * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_mask, other=0.0)
+
+    # This chunk's keys, narrowed to what the (bottom-right aligned) queries 0..Tq-1 can see.
+    lo = pid_s * split_len
+    hi = tl.minimum(seqlen_k, lo + split_len)  # the right window never cuts: the last query is last
+    if HAS_LEFT:
+        lo = tl.maximum(lo, ((diag - window_left) // BLOCK_N) * BLOCK_N)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_valid = cols < seqlen_k
+        if PAGED:
+            # Logical position -> (physical block, offset); a gather, so any page size works.
+            blocks = tl.load(block_table + b * stride_bt + cols // page_size, mask=col_valid, other=0)
+            k_rows = blocks.to(tl.int64) * stride_kb + (cols % page_size) * stride_kt
+            v_rows = blocks.to(tl.int64) * stride_vb + (cols % page_size) * stride_vt
+        else:
+            k_rows = b * stride_kb + cols * stride_kt
+            v_rows = b * stride_vb + cols * stride_vt
+        kv_mask = col_valid[:, None] & d_mask
+        k = tl.load(K_cache + k_rows[:, None] + kv_head * stride_kh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * score_scale) * softcap_log2
+        else:
+            s = qk * score_scale
+        allowed = _allowed(t, cols, seqlen_q, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        s = tl.where(allowed & row_valid[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_cache + v_rows[:, None] + kv_head * stride_vh + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if SPLIT:
+        lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+        part_row = ((pid_s * batch + b) * seqlen_q + t) * (NUM_KV_HEADS * GROUP) + head
+        tl.store(O_part + part_row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_valid[:, None] & d_mask)
+        tl.store(LSE_part + part_row, lse2, mask=row_valid)
+    else:
+        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(O + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_mask)
+        tl.store(LSE + (b * NUM_KV_HEADS * GROUP + head) * seqlen_q + t, lse, mask=row_valid)
+
+
+@triton.jit
+def _decode_combine_kernel(O_part, LSE_part, O, LSE, stride_ob, stride_ot, stride_oh,
+                           num_rows, num_heads, seqlen_q, num_splits,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program = one (b, t, head) row: lse-weighted sum of the split partials."""
+    row = tl.program_id(0)  # = (b * Tq + t) * Hq + head
+    head = row % num_heads
+    t = (row // num_heads) % seqlen_q
+    b = row // (num_heads * seqlen_q)
+    splits = tl.arange(0, BLOCK_S)
+    split_mask = splits < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LSE_part + splits * num_rows + row, mask=split_mask, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    o_s = tl.load(O_part + (splits[:, None] * num_rows + row) * HEAD_DIM + offs_d[None, :],
+                  mask=split_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(o_s * w[:, None], 0) / total_safe
+    lse = tl.where(total == 0.0, float("inf"), (m_safe + tl.math.log2(total_safe)) * 0.6931471805599453)
+    tl.store(O + b * stride_ob + t * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(LSE + (b * num_heads + head) * seqlen_q + t, lse)
+
+
+def _decode_configs() -> list:
+    return [triton.Config({"BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+            for bn in (32, 64, 128) for stages in (2, 3, 4) for warps in (4, 8)]
+
+
+def _prune_decode(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D", 128)
+    kept = [c for c in configs
+            if not (block_d >= 256 and c.kwargs["BLOCK_N"] > 64)
+            and not (c.num_warps == 8 and c.kwargs["BLOCK_N"] < 64)]
+    return kept or configs[:1]
+
+
+_decode_split_tuned = triton.autotune(
+    _decode_configs(), key=["HEAD_DIM", "GROUP", "BLOCK_M", "PAGED", "SPLIT", "HAS_LEFT", "HAS_SOFTCAP"],
+    prune_configs_by={"early_config_prune": _prune_decode})(_decode_split_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Launchers
+# ----------------------------------------------------------------------------------------------
+def _device_sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: small, so default tests still exercise the split path
+
+
+def num_splits_heuristic(num_programs: int, max_seqlen_k: int, num_sms: int) -> int:
+    """Enough splits to give every SM ~2 programs, but at least SPLIT_ALIGN keys per split.
+
+    Uses only host-side sizes (S_max or max_blocks * block_size), never cache_seqlens, so
+    choosing a split count needs no device sync.
+    """
+    if num_programs >= num_sms:
+        return 1
+    by_occupancy = triton.cdiv(2 * num_sms, num_programs)
+    by_length = triton.cdiv(max_seqlen_k, SPLIT_ALIGN)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def append_to_cache(k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """Write k/v (B, Tq, Hkv, D) into the cache at cache_seqlens[b] + 0..Tq-1, in place."""
+    batch, num_new = k.shape[:2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(num_new, device=k.device)  # (B, Tq)
+    if block_table is None:
+        batch_idx = torch.arange(batch, device=k.device)[:, None].expand(batch, num_new)
+        k_cache[batch_idx, positions] = k.to(k_cache.dtype)
+        v_cache[batch_idx, positions] = v.to(v_cache.dtype)
+    else:
+        page_size = k_cache.shape[1]
+        blocks = torch.gather(block_table.long(), 1, positions // page_size)
+        k_cache[blocks, positions % page_size] = k.to(k_cache.dtype)
+        v_cache[blocks, positions % page_size] = v.to(v_cache.dtype)
+
+
+def decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, num_new, softmax_scale, causal, window_size,
+               softcap, num_splits):
+    """Launch split-K decode attention (the cache already holds the new tokens). -> (out, lse)."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    paged = block_table is not None
+    max_seqlen_k = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    left, right = _window(causal, window_size)
+    if softcap > 0:
+        score_scale, softcap_log2 = scale / softcap, softcap * LOG2E
+    else:
+        score_scale, softcap_log2 = scale * LOG2E, 0.0
+    block_m = max(16, min(64, triton.next_power_of_2(group * seqlen_q)))
+    m_blocks = triton.cdiv(group * seqlen_q, block_m)
+    if num_splits <= 0:
+        num_splits = num_splits_heuristic(batch * num_kv_heads * m_blocks, max_seqlen_k,
+                                          _device_sm_count(q.device))
+    split_len = triton.cdiv(triton.cdiv(max_seqlen_k, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    num_splits = max(1, triton.cdiv(max_seqlen_k, split_len))  # drop splits that would start past S_max
+    split = num_splits > 1
+
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
+    num_rows = batch * seqlen_q * num_heads
+    if split:
+        o_part = torch.empty((num_splits, num_rows, head_dim), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((num_splits, num_rows), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = lse  # unused
+    has_seqlens = cache_seqlens is not None
+    args = (q, k_cache, v_cache, cache_seqlens if has_seqlens else q, block_table if paged else q,
+            out, lse, o_part, lse_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), block_table.stride(0) if paged else 0,
+            batch, seqlen_q, num_new, max_seqlen_k, split_len, k_cache.shape[1] if paged else 1,
+            score_scale, softcap_log2, max(left, 0), max(right, 0))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    meta = {"NUM_KV_HEADS": num_kv_heads, "GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
+            "BLOCK_M": block_m, "PAGED": paged, "HAS_SEQLENS": has_seqlens, "HAS_LEFT": left >= 0,
+            "HAS_RIGHT": right >= 0, "HAS_SOFTCAP": softcap > 0, "SPLIT": split,
+            "DOT_PRECISION": _dot_precision(q.dtype)}
+    grid = (m_blocks, batch * num_kv_heads, num_splits)
+    if interpreter_enabled():
+        _decode_split_kernel[grid](*args, **meta, BLOCK_N=INTERPRET_BLOCK_N)
+    else:
+        _decode_split_tuned[grid](*args, **meta)
+    if split:
+        _decode_combine_kernel[(num_rows,)](
+            o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
+            num_rows, num_heads, seqlen_q, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Public function and reference
+# ----------------------------------------------------------------------------------------------
+def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, window_size,
+                        softcap):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if t is None and name in ("k", "v"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, "
+                        f"{v_cache.dtype}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs "
+                         f"{tuple(v_cache.shape)}")
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != k_cache head_dim {k_cache.shape[3]}")
+    if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {head_dim}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"number of q heads ({num_heads}) must be a multiple of the number of kv heads "
+                         f"({num_kv_heads})")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (new tokens to append) or neither")
+    if k is not None:
+        if k.shape != (batch, seqlen_q, num_kv_heads, head_dim) or v.shape != k.shape:
+            raise ValueError(f"k/v must be (B, Tq, Hkv, D) = {(batch, seqlen_q, num_kv_heads, head_dim)}, "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens is required when appending k/v (where do the new tokens go?)")
+    if cache_seqlens is not None:
+        if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (batch,):
+            raise TypeError(f"cache_seqlens must be int32 of shape ({batch},), got {cache_seqlens.dtype} "
+                            f"{tuple(cache_seqlens.shape)}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if block_table is not None:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise TypeError(f"block_table must be int32 (B={batch}, max_blocks), got {block_table.dtype} "
+                            f"{tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"contiguous k_cache batch {k_cache.shape[0]} != q batch {batch} "
+                         "(pass block_table for a paged cache)")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size}")
+
+
+def _as_seqlens(cache_seqlens, batch, device):
+    if isinstance(cache_seqlens, int):
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    return cache_seqlens
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
+                            softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, num_splits=0,
+                            return_lse=False):
+    """Append k/v to the cache in place and attend q over cache[:cache_seqlens + Tq].
+
+    -> out (B, Tq, Hq, D) [, lse (B, Hq, Tq) fp32]. ``num_splits=0`` picks a split count from the
+    cache capacity and SM count; 1 disables split-K. Without cache_seqlens the whole cache
+    (S_max, or max_blocks * block_size when paged) is attended.
+    """
+    cache_seqlens = _as_seqlens(cache_seqlens, q.shape[0], q.device)
+    _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, window_size,
+                        softcap)
+    if not can_use_triton(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+        return kvcache_attention_ref(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale,
+                                     causal, window_size, softcap, num_splits, return_lse)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be contiguous in the head dim (they are written in place)")
+    out, lse = _kvcache_op(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal,
+                           int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits))
+    return (out, lse) if return_lse else out
+
+
+# A custom op that declares its in-place cache writes, so torch.compile keeps it opaque and ordered.
+@torch.library.custom_op("tritium::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+                v: torch.Tensor | None, cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
+                softmax_scale: float | None, causal: bool, window_left: int, window_right: int,
+                softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    num_new = 0
+    if k is not None:
+        append_to_cache(k_cache, v_cache, k, v, cache_seqlens, block_table)
+        num_new = k.shape[1]
+    return decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, num_new, softmax_scale, causal,
+                      (window_left, window_right), softcap, num_splits)
+
+
+@_kvcache_op.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_left, window_right,
+      softcap, num_splits):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+def kvcache_attention_ref(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
+                          softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, num_splits=0,
+                          return_lse=False, *, upcast=True):
+    """Reference: append in place (same as the kernel path), gather each sequence's keys, attention_ref."""
+    cache_seqlens = _as_seqlens(cache_seqlens, q.shape[0], q.device)
+    _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, window_size,
+                        softcap)
+    num_new = 0
+    if k is not None:
+        append_to_cache(k_cache, v_cache, k, v, cache_seqlens, block_table)
+        num_new = k.shape[1]
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
+    lengths = (cache_seqlens + num_new).tolist() if cache_seqlens is not None else [capacity] * q.shape[0]
+    outs, lses = [], []
+    for b, length in enumerate(lengths):
+        if block_table is not None:
+            positions = torch.arange(length, device=q.device)
+            blocks = block_table[b].long()[positions // page_size]
+            keys, values = k_cache[blocks, positions % page_size], v_cache[blocks, positions % page_size]
+        else:
+            keys, values = k_cache[b, :length], v_cache[b, :length]
+        out, lse = attention_ref(q[b:b + 1], keys[None], values[None], 0.0, softmax_scale, causal,
+                                 window_size, softcap, True, upcast=upcast)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = torch.cat(outs), torch.cat(lses)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,117 @@
+"""``tritium generate``: stream a completion of one prompt from a checkpoint to the terminal."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HELP = "generate text from a checkpoint (streams to the terminal; --chat applies the chat template)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="the prompt (or the user message with --chat); '-' or omitted reads stdin")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="checkpoint folder: config.json + model.safetensors + tokenizer.model (a run's final/)")
+    parser.add_argument("--tokenizer", metavar="PATH", default=None,
+                        help="tokenizer.model or its folder (default: the checkpoint folder)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    group.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    group.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x top probability")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    group.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style presence penalty")
+    group.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style frequency penalty")
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop string (repeatable); the output is cut before it")
+    group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence/end-of-turn")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    runtime.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                         help="weights/KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    runtime.add_argument("--backend", default=None, help="kernel backend (default: the checkpoint's config)")
+    runtime.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even on CUDA")
+    runtime.add_argument("--no-stream", action="store_true", help="print the completion once, at the end")
+    runtime.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr at the end")
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is None or args.prompt == "-":
+        if sys.stdin.isatty() and args.prompt is None:
+            raise ValueError("give a prompt (a positional argument, or '-' to read stdin)")
+        return sys.stdin.read()
+    return args.prompt
+
+
+def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None = None, device: str = "auto",
+                       dtype: str = "auto", backend: str | None = None):
+    """(model, tokenizer) from a checkpoint folder, on ``device`` in ``dtype``, in eval mode."""
+    import torch
+
+    from tritium.model.tokenizer import Tokenizer
+    from tritium.model.transformer import Transformer
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    tokenizer = Tokenizer.load(tokenizer_path or checkpoint)
+    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device, backend=backend)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's "
+                         f"({model.config.vocab_size}): wrong tokenizer for this checkpoint?")
+    return model.eval(), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    from tritium.serve.generator import Generator
+    from tritium.serve.sampling import SamplingParams
+    from tritium.serve.sequence import encode_prompt
+
+    text = _read_prompt(args)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
+        stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.backend)
+    if args.chat:
+        from tritium.model.chat import encode_prompt as encode_chat_prompt
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": text}]
+        prompt_ids = encode_chat_prompt(tokenizer, messages)
+    else:
+        if args.system:
+            raise ValueError("--system needs --chat")
+        prompt_ids = encode_prompt(tokenizer, text)
+    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph)
+    start = time.perf_counter()
+    completion_tokens = 0
+    if args.no_stream:
+        completion = generator.generate([prompt_ids], params)[0]
+        sys.stdout.write(completion.text)
+        completion_tokens, reason = completion.completion_tokens, completion.finish_reason
+    else:
+        for delta in generator.stream(prompt_ids, params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        done = generator.last_completion
+        completion_tokens, reason = done.completion_tokens, done.finish_reason
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        elapsed = time.perf_counter() - start
+        print(f"[{len(prompt_ids)} prompt tokens, {completion_tokens} completion tokens in {elapsed:.2f}s "
+              f"({completion_tokens / max(elapsed, 1e-9):.1f} tok/s), finish_reason={reason}]", file=sys.stderr)
+    return 0

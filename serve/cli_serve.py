@@ -1,0 +1,93 @@
+"""``tritium serve``: the OpenAI-compatible server over a checkpoint (FastAPI + uvicorn)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="checkpoint folder: config.json + model.safetensors + tokenizer.model (a run's final/)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--model-name", default="tritium", help="model id clients send and /v1/models lists")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TRITIUM_API_KEY)")
+    guard = parser.add_argument_group("limits and guardrails")
+    guard.add_argument("--policy", metavar="FILE", default=None, help="guardrail policy (YAML or JSON)")
+    guard.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    guard.add_argument("--max-queue", type=int, default=64,
+                       help="requests that may wait for a batch slot; beyond it clients get 429 + Retry-After")
+    guard.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 above)")
+    guard.add_argument("--shutdown-grace", type=float, default=10.0,
+                       help="seconds in-flight requests get to finish on shutdown before being aborted")
+    rag = parser.add_argument_group("retrieval")
+    rag.add_argument("--docs", metavar="DIR", default=None,
+                     help="index the .txt/.md files in DIR (BM25) and inject the top-k chunks into prompts")
+    rag.add_argument("--top-k-docs", type=int, default=3, help="chunks injected per request (default 3)")
+    runtime = parser.add_argument_group("engine")
+    runtime.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    runtime.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                         help="weights/KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    runtime.add_argument("--backend", default=None, help="kernel backend (default: the checkpoint's config)")
+    runtime.add_argument("--max-num-seqs", type=int, default=32, help="requests batched together at most")
+    runtime.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    runtime.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by memory)")
+    runtime.add_argument("--log-level", default="info", help="uvicorn log level")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(args: argparse.Namespace):
+    """(app, config) for parsed ``tritium serve`` arguments (loads the checkpoint)."""
+    from tritium.serve.api import ServeConfig, create_app
+    from tritium.serve.cli_generate import load_for_inference
+    from tritium.serve.engine import LLMEngine
+
+    config = ServeConfig.from_env(model_name=args.model_name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
+                                  max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                                  policy_file=args.policy, docs_dir=args.docs, retrieval_top_k=args.top_k_docs,
+                                  shutdown_grace_s=args.shutdown_grace)
+    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend)
+    engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
+                       max_num_seqs=args.max_num_seqs)
+    return create_app(engine, tokenizer, config), config
+
+
+def make_server(app, host: str, port: int, grace_s: float, log_level: str = "info"):
+    """A uvicorn Server whose first shutdown signal also flips the app to draining (503 on new requests)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.server.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=max(1, int(grace_s)) if grace_s else None)
+    return DrainingServer(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    app, config = build_app(args)
+    if not is_loopback(args.host) and config.api_key is None:
+        print(f"tritium serve: warning: binding {args.host} without an API key; anyone who can reach this port "
+              f"can use the model (set --api-key or $TRITIUM_API_KEY)", file=sys.stderr)
+    print(f"tritium serve: {config.model_name} on http://{args.host}:{args.port}/v1 "
+          f"(api key {'required' if config.api_key else 'off'}, pid {os.getpid()})", file=sys.stderr)
+    make_server(app, args.host, args.port, config.shutdown_grace_s, args.log_level).run()
+    return 0

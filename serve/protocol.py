@@ -1,0 +1,329 @@
+"""The OpenAI wire format: request validation, response and stream-chunk bodies, errors.
+
+Kept apart from the FastAPI app so the rules a request must meet (and the
+exact JSON a client gets back) can be read in one place.  Validation is done
+by hand rather than with pydantic models so every rejection carries OpenAI's
+error shape, names the offending ``param`` and says what would be accepted.
+Unknown fields are ignored, as OpenAI's clients send new fields over time.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+# OpenAI error types by HTTP status (what the official clients map to exception classes).
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "server_error"}
+
+
+class ServeError(Exception):
+    """An error answered with OpenAI's error body; ``kind`` labels it in the errors metric."""
+
+    def __init__(self, status: int, message: str, *, kind: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.param = param
+        self.code = code or kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, ERROR_TYPES.get(self.status, "invalid_request_error"), self.param,
+                          self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ServeError:
+    return ServeError(400, message, kind="invalid_request", param=param, code=code)
+
+
+@dataclass
+class ParsedRequest:
+    """A validated /v1/completions or /v1/chat/completions request."""
+
+    chat: bool  # chat/completions (messages) or completions (prompt)
+    model: str | None  # requested model id (None = the served one)
+    prompts: list[str | list[int]]  # completions: text or token-id prompts (one choice set each)
+    messages: list[dict[str, str]] | None  # chat: messages with plain-text content
+    max_tokens: int | None  # None = fill to the cap / context
+    n: int  # choices per prompt
+    stream: bool  # answer as Server-Sent Events
+    include_usage: bool  # stream_options.include_usage: a final chunk with usage and no choices
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams keyword arguments
+    use_retrieval: bool = True  # extension: "retrieval": false skips --docs for this request
+    logprobs: bool = False  # return the chosen tokens' log-probabilities
+
+
+def parse_request(body: Any, *, chat: bool, max_n: int) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("'model' must be a string", "model", "invalid_type")
+
+    messages = None
+    prompts: list[str | list[int]] = []
+    if chat:
+        messages = _parse_messages(body.get("messages"))
+    else:
+        prompts = _parse_prompt(body.get("prompt"))
+        if body.get("echo"):
+            raise bad_request("'echo' is not supported by this server", "echo", "unsupported_parameter")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != body.get("n", 1):
+            raise bad_request("'best_of' is not supported (set it equal to n or leave it out)", "best_of",
+                              "unsupported_parameter")
+    for unsupported in ("tools", "functions", "logit_bias", "suffix"):
+        if body.get(unsupported):
+            raise bad_request(f"'{unsupported}' is not supported by this server", unsupported,
+                              "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported; JSON output is enforced by the "
+                              "server policy (output.json_schema)", "response_format", "unsupported_parameter")
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is not None:
+        if not _is_int(max_tokens):
+            raise bad_request(f"'{param}' must be an integer, got {max_tokens!r}", param, "invalid_type")
+        if max_tokens < 1:
+            raise bad_request(f"'{param}' must be at least 1, got {max_tokens}", param)
+
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not _is_int(n) or not 1 <= n <= max_n:
+        raise bad_request(f"'n' must be an integer from 1 to {max_n}, got {n!r}", "n")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request(f"'stream' must be a boolean, got {stream!r}", "stream", "invalid_type")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
+
+    sampling: dict[str, Any] = {}
+    for name, default in (("temperature", 1.0), ("top_p", 1.0), ("presence_penalty", 0.0),
+                          ("frequency_penalty", 0.0), ("min_p", 0.0), ("repetition_penalty", 1.0)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value):
+            raise bad_request(f"'{name}' must be a number, got {value!r}", name, "invalid_type")
+        sampling[name] = float(value)
+    if "temperature" in sampling and not 0 <= sampling["temperature"] <= 2:
+        raise bad_request(f"'temperature' must be in [0, 2], got {sampling['temperature']}", "temperature")
+    for name in ("top_k", "seed"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise bad_request(f"'{name}' must be an integer, got {value!r}", name, "invalid_type")
+        sampling[name] = value
+    stop = body.get("stop")
+    if stop is not None:
+        stop_list = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop_list, list) or not all(isinstance(s, str) and s for s in stop_list) \
+                or len(stop_list) > 16:
+            raise bad_request("'stop' must be a non-empty string or a list of up to 16 non-empty strings", "stop")
+        sampling["stop"] = tuple(stop_list)
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None:
+        if not isinstance(stop_ids, list) or not all(_is_int(i) and i >= 0 for i in stop_ids):
+            raise bad_request("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+        sampling["stop_token_ids"] = tuple(stop_ids)
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None:
+        if not isinstance(ignore_eos, bool):
+            raise bad_request("'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
+        sampling["ignore_eos"] = ignore_eos
+
+    logprobs_value = body.get("logprobs")
+    if chat:
+        if logprobs_value is not None and not isinstance(logprobs_value, bool):
+            raise bad_request("'logprobs' must be a boolean", "logprobs", "invalid_type")
+        if body.get("top_logprobs"):
+            raise bad_request("'top_logprobs' is not supported (only the chosen token's log-probability)",
+                              "top_logprobs", "unsupported_parameter")
+        logprobs = bool(logprobs_value)
+    else:
+        if logprobs_value is not None and (not _is_int(logprobs_value) or not 0 <= logprobs_value <= 1):
+            raise bad_request("'logprobs' must be 0 or 1 here (alternatives are not reported)", "logprobs")
+        logprobs = bool(logprobs_value)
+
+    use_retrieval = body.get("retrieval", True)
+    if not isinstance(use_retrieval, bool):
+        raise bad_request("'retrieval' must be a boolean", "retrieval", "invalid_type")
+    return ParsedRequest(chat=chat, model=model, prompts=prompts, messages=messages, max_tokens=max_tokens, n=n,
+                         stream=stream, include_usage=include_usage, sampling=sampling,
+                         use_retrieval=use_retrieval, logprobs=logprobs)
+
+
+def _parse_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object with 'role' and 'content'", where)
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"{where}.role must be a non-empty string", f"{where}.role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        content = message.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"{where}.content: only text parts are supported", f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif not isinstance(content, str):
+            raise bad_request(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        parsed.append({"role": role, "content": content})
+    return parsed
+
+
+def _parse_prompt(prompt: Any) -> list[str | list[int]]:
+    message = "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists"
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(_is_int(t) and t >= 0 for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p) for p in prompt):
+            return [list(p) for p in prompt]
+    raise bad_request(message, "prompt")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def sampling_error_param(exc: ValueError) -> str | None:
+    """The parameter a ``SamplingParams`` validation error names (``SamplingParams.top_p must ...``)."""
+    match = re.search(r"SamplingParams\.(\w+)", str(exc))
+    return match.group(1) if match else None
+
+
+# ---------------------------------------------------------------------- response bodies
+def new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def completion_logprobs(entries: list[dict[str, Any]] | None, offset: int = 0) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    tokens = [e["token"] for e in entries]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{} for _ in entries], "text_offset": offsets}
+
+
+def full_response(req: ParsedRequest, rid: str, model: str, choices: list[dict[str, Any]],
+                  prompt_tokens: int, completion_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """The non-streamed body; each choice dict has index, text, finish_reason, logprobs (entries or None)."""
+    out_choices = []
+    for c in choices:
+        if req.chat:
+            out_choices.append({"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                                "logprobs": chat_logprobs(c["logprobs"]), "finish_reason": c["finish_reason"]})
+        else:
+            out_choices.append({"index": c["index"], "text": c["text"],
+                                "logprobs": completion_logprobs(c["logprobs"]), "finish_reason": c["finish_reason"]})
+    return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": out_choices, "usage": usage(prompt_tokens, completion_tokens),
+            "system_fingerprint": None, **extra}
+
+
+class ChunkWriter:
+    """Builds the ``data: {...}`` lines of one streamed response."""
+
+    def __init__(self, req: ParsedRequest, rid: str, model: str):
+        self.req = req
+        self.rid = rid
+        self.model = model
+        self.created = int(time.time())
+        self.text_offsets: dict[int, int] = {}
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        chunk = {"id": self.rid, "object": "chat.completion.chunk" if self.req.chat else "text_completion",
+                 "created": self.created, "model": self.model, "choices": choices, "system_fingerprint": None}
+        if self.req.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return chunk
+
+    def role(self, index: int, **extra: Any) -> dict[str, Any] | None:
+        """Chat streams open each choice with the assistant role (OpenAI does the same)."""
+        if not self.req.chat:
+            return None
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}], **extra)
+
+    def delta(self, index: int, text: str, logprobs: list[dict[str, Any]] | None = None,
+              finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        if self.req.chat:
+            choice = {"index": index, "delta": {"content": text} if text else {},
+                      "logprobs": chat_logprobs(logprobs), "finish_reason": finish_reason}
+        else:
+            offset = self.text_offsets.get(index, 0)
+            self.text_offsets[index] = offset + len(text)
+            choice = {"index": index, "text": text, "logprobs": completion_logprobs(logprobs, offset),
+                      "finish_reason": finish_reason}
+        return self._chunk([choice], **extra)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, **extra: Any) -> dict[str, Any]:
+        chunk = self._chunk([], **extra)
+        chunk["usage"] = usage(prompt_tokens, completion_tokens)
+        return chunk
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    import json
+
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"

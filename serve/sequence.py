@@ -1,0 +1,139 @@
+"""One request's decoding state, shared by ``Generator`` and ``LLMEngine``.
+
+A ``SequenceState`` owns everything about a completion except its KV cache:
+the prompt and output ids, the request's random generator, the text tracker
+(incremental detokenization + stop strings), the stop-token set and the finish
+reason.  ``append`` applies the stop rules in one place, so the generator and
+the engine cannot disagree about where a completion ends.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tritium.serve.detokenizer import TextTracker
+from tritium.serve.sampling import SamplingParams, sample_next
+
+
+def stop_token_set(tokenizer, params: SamplingParams) -> frozenset[int]:
+    """Token ids that end a completion: the request's own, plus eos and end-of-turn unless ignore_eos."""
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        for name in ("eos_id", "end_of_turn_id"):
+            value = getattr(tokenizer, name, None)
+            if isinstance(value, int) and value >= 0:
+                ids.add(value)
+    return frozenset(ids)
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """A text prompt gets the tokenizer's BOS (as in training); a list of ids is taken as is."""
+    if isinstance(prompt, str):
+        bos_id = getattr(tokenizer, "bos_id", None)
+        return tokenizer.encode(prompt, bos=isinstance(bos_id, int) and bos_id >= 0)
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    return [int(t) for t in prompt]
+
+
+def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, max_model_len: int, vocab_size: int) -> None:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty: a prompt needs at least one token (e.g. BOS)")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt_ids holds token id(s) outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    if len(prompt_ids) + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                         f"{len(prompt_ids) + params.max_tokens} exceeds the model's context of {max_model_len} "
+                         "tokens; shorten the prompt or lower max_tokens")
+
+
+class SequenceState:
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, tokenizer,
+                 device: torch.device | str = "cpu") -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.generator = params.make_generator(device)
+        self.tracker = TextTracker(tokenizer, params.stop)
+        self.stop_ids = stop_token_set(tokenizer, params)
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.tracker.text
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def append(self, token_id: int, logprob: float | None = None) -> str:
+        """Record a sampled token; returns the text delta and sets ``finish_reason`` when done."""
+        if self.finished:
+            raise RuntimeError("append() on a finished sequence")
+        self.output_ids.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(float(logprob) if logprob is not None else float("nan"))
+        if token_id in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.tracker.finish()  # the stop token's own text is never shown
+        delta, stopped = self.tracker.add(token_id)
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"
+            delta += self.tracker.finish()
+        return delta
+
+    def abort(self) -> str:
+        self.finish_reason = "abort"
+        return self.tracker.finish()
+
+
+def penalty_tensors(states: Sequence[SequenceState], vocab_size: int, device: torch.device
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(output_counts (B, V), context_mask (B, V)) for the rows' penalties, or (None, None) if unused."""
+    if not any(s.params.needs_penalties for s in states):
+        return None, None
+    counts = torch.zeros(len(states), vocab_size, device=device)
+    context = torch.zeros(len(states), vocab_size, dtype=torch.bool, device=device)
+    for row, state in enumerate(states):
+        if state.output_ids:
+            out = torch.tensor(state.output_ids, device=device)
+            counts[row].index_add_(0, out, torch.ones(len(out), device=device))
+        context[row, torch.tensor(state.all_ids, device=device)] = True
+    return counts, context
+
+
+def sample_for(states: Sequence[SequenceState], logits: torch.Tensor) -> tuple[list[int], list[float | None]]:
+    """Sample one token for each state from its row of ``logits`` (B, V)."""
+    counts, context = penalty_tensors(states, logits.shape[-1], logits.device)
+    tokens, logprobs = sample_next(logits, [s.params for s in states], [s.generator for s in states],
+                                   counts, context)
+    token_list = tokens.tolist()
+    logprob_list = logprobs.tolist() if logprobs is not None else [None] * len(token_list)
+    return token_list, logprob_list
+
+
+def last_token_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache,
+                      last_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward through ``kv_cache`` and return fp32 logits (B, V) at ``last_index`` (B,) (default: the last
+    position), computing the head only there (a long prefill never builds (B, T, V) logits)."""
+    B, T = input_ids.shape
+    if last_index is None:
+        last_index = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+    rows = torch.arange(B, device=input_ids.device)
+    if hasattr(model, "forward_hidden") and hasattr(model, "lm_head_weight"):
+        hidden = model.forward_hidden(input_ids, position_ids=position_ids, kv_cache=kv_cache)  # (B, T, H)
+        last = hidden[rows, last_index]
+        return (last @ model.lm_head_weight.t()).float()
+    logits = model(input_ids, position_ids=position_ids, kv_cache=kv_cache)
+    return logits[rows, last_index].float()

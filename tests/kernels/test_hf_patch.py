@@ -1,0 +1,95 @@
+"""tritium.kernels.hf.patch on tiny randomly initialised HF models: same logits, loss and grads."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from tritium.kernels import hf  # noqa: E402
+
+VOCAB = 97
+
+
+def _tiny(arch: str):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  attn_implementation="eager")
+    torch.manual_seed(0)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=500.0, **common))
+    if arch == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=gen)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    return ids, labels
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_patched_model_matches_unpatched(arch):
+    ids, labels = _batch()
+    reference = _tiny(arch)
+    patched = _tiny(arch)
+    patched.load_state_dict(reference.state_dict())
+    hf.patch(patched)
+    for model in (reference, patched):
+        model.train()
+    ref_out = reference(ids, labels=labels)
+    ref_out.loss.backward()
+    out = patched(ids, labels=labels)
+    assert out.logits is None  # training with labels: the fused loss never builds logits
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
+    ref_grads, grads = _grads(reference), _grads(patched)
+    assert ref_grads.keys() == grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+    reference.eval()
+    patched.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+        eval_out = patched(ids, labels=labels)  # eval mode: logits as well as the fused loss
+        torch.testing.assert_close(eval_out.logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_honours_num_items_in_batch_and_switches():
+    ids, labels = _batch()
+    reference = _tiny("llama")
+    patched = _tiny("llama")
+    patched.load_state_dict(reference.state_dict())
+    hf.patch(patched, rms_norm=False, mlp=True, rope=False, loss=True)
+    n_items = torch.tensor(11)
+    with torch.no_grad():
+        want = reference(ids, labels=labels, num_items_in_batch=n_items).loss
+        got = patched(ids, labels=labels, num_items_in_batch=n_items).loss
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert patched.model.norm.forward.__func__ is not hf._rms_norm_forward if hasattr(
+        patched.model.norm.forward, "__func__") else True
+
+
+def test_patch_rejects_unsupported_architectures():
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=11, n_positions=8)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(ValueError, match="supported: LlamaForCausalLM"):
+        hf.patch(model)
+    silu_free = _tiny("llama")
+    silu_free.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act"):
+        hf.patch(silu_free)
+
+
+def test_import_tritium_kernels_stays_light():
+    code = ("import sys, tritium.kernels as k; k.rms_norm; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -1,0 +1,58 @@
+"""Fixtures for the generator/engine tests: a tiny random Transformer over the session tokenizer.
+
+initializer_range=0.2 (10x the training init) makes the random model's next token depend on its
+context; at 0.02 it repeats one token forever, which would let a broken cache pass greedy checks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tritium.model.config import ModelConfig
+from tritium.model.transformer import Transformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """These tests run many tiny matmuls: on the shared 2-core CI box, torch's thread pool spends more
+    time synchronising than computing (measured 10x slower), so they run single-threaded, restored after each module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def serve_model(tiny_tokenizer):
+    torch.manual_seed(1234)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden=128,
+                      vocab_size=tiny_tokenizer.vocab_size, max_seq_len=96, initializer_range=0.2,
+                      tie_embeddings=True, backend="torch", name="serve-test")
+    return Transformer(cfg, backend="torch").eval()
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(serve_model):
+    """Greedy continuation recomputing the full sequence every step (no KV cache): the ground truth."""
+
+    @torch.no_grad()
+    def run(prompt_ids, max_tokens, stop_ids=()):
+        ids, out = list(prompt_ids), []
+        for _ in range(max_tokens):
+            token = int(serve_model(torch.tensor([ids]))[0, -1].float().argmax())
+            out.append(token)
+            ids.append(token)
+            if token in stop_ids:
+                break
+        return out
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def serve_prompts():
+    """Prompts of different lengths, one with multi-byte UTF-8."""
+    return list(PROMPTS)
+
+
+PROMPTS = ["def main():\n    return 0", "import os", "x", "class Foo(Bar):\n    '''Docs: \u00e9t\u00e9 \u4e16\u754c'''\n"]

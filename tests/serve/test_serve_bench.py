@@ -1,0 +1,89 @@
+"""serve-bench and cost accounting: percentiles against numpy, the load generator against a real server,
+the cost arithmetic against hand formulas, and the CLI spawning `tritium serve` from a checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from serve_harness import running_server, tiny_model, tiny_tokenizer
+
+from tritium.serve.cli_serve_bench import BenchConfig, make_workload, percentile, run_bench
+from tritium.serve.cost import TrafficTarget, estimate_cost
+
+
+def test_percentile_matches_numpy():
+    rng = random.Random(5)
+    for n in (1, 2, 7, 123):
+        values = [rng.expovariate(3.0) for _ in range(n)]
+        for q in (0, 50, 90, 99, 100):
+            assert math.isclose(percentile(values, q), float(np.percentile(values, q)), rel_tol=1e-12)
+    assert percentile([], 50) is None
+
+
+def test_cost_arithmetic():
+    rng = random.Random(9)
+    for _ in range(20):
+        measured = rng.uniform(50, 5000)
+        target = TrafficTarget(requests_per_s=rng.uniform(0.5, 50), output_tokens_per_request=rng.randint(16, 512),
+                               gpu_hour_usd=rng.uniform(1, 4), gpus_per_replica=rng.choice([1, 2, 8]),
+                               itl_p99_s=0.05)
+        est = estimate_cost(measured, target, measured_itl_p99_s=rng.choice([0.01, 0.2]))
+        required = target.requests_per_s * target.output_tokens_per_request
+        replicas = math.ceil(required / measured)
+        assert est.replicas_needed == replicas and est.gpus_needed == replicas * target.gpus_per_replica
+        assert math.isclose(est.usd_per_1m_output_tokens_at_target,
+                            replicas * target.gpus_per_replica * target.gpu_hour_usd / (required * 3600) * 1e6)
+        assert math.isclose(est.usd_per_1m_output_tokens_at_capacity,
+                            target.gpus_per_replica * target.gpu_hour_usd / (measured * 3600) * 1e6)
+        assert est.usd_per_1m_output_tokens_at_target >= est.usd_per_1m_output_tokens_at_capacity * (1 - 1e-12)
+        assert est.meets_latency_target == (est.latency_notes[0].find("meets") >= 0)
+    with pytest.raises(ValueError, match="positive"):
+        estimate_cost(0.0, TrafficTarget())
+    with pytest.raises(ValueError, match="requests_per_s"):
+        TrafficTarget(requests_per_s=0)
+
+
+def test_bench_against_real_server():
+    cfg_kwargs = {"concurrency": 4, "requests": 10, "prompt_tokens": (3, 9), "max_tokens": (2, 6), "seed": 3}
+    with running_server() as srv:
+        cfg = BenchConfig(url=srv.url, **cfg_kwargs)
+        result = run_bench(cfg)
+    assert result.completed == 10 and result.failed == 0, result.errors
+    work = make_workload(cfg)
+    assert math.isclose(result.mean_output_tokens, sum(m for _, m in work) / len(work))  # ignore_eos: exact
+    expected_prompt = [len(tiny_tokenizer().encode(p, bos=True)) for p, _ in work]
+    assert math.isclose(result.mean_prompt_tokens, sum(expected_prompt) / len(work))
+    assert math.isclose(result.output_tokens_per_s, result.mean_output_tokens * result.completed / result.wall_s)
+    assert 0 < result.ttft_p50_s <= result.ttft_p99_s < result.wall_s
+    assert 0 < result.itl_p50_s <= result.itl_p99_s
+    assert result.latency_p99_s >= result.ttft_p99_s
+    est = estimate_cost(result.output_tokens_per_s, TrafficTarget(requests_per_s=5, output_tokens_per_request=4),
+                        model_config=tiny_model().config)
+    assert est.replicas_needed == math.ceil(20 / result.output_tokens_per_s)
+    assert est.model_estimate["decode_tokens_per_s_per_gpu"] == pytest.approx(result.output_tokens_per_s)
+
+
+def test_cli_spawns_server_from_checkpoint(tmp_path, capsys):
+    from tritium.cli import main
+    from tritium.model.checkpoint import save_pretrained
+
+    ckpt = tmp_path / "final"
+    save_pretrained(tiny_model(), ckpt)
+    tiny_tokenizer().save(ckpt)
+    out = tmp_path / "bench.json"
+    code = main(["serve-bench", "--checkpoint", str(ckpt), "--requests", "4", "--concurrency", "2",
+                 "--prompt-tokens", "4", "--max-tokens", "3", "--traffic-rps", "2", "--itl-target-ms", "5000",
+                 "--json", str(out), "--server-arg=--device=cpu", "--server-arg=--max-num-seqs=4"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["bench"]["completed"] == 4 and report["bench"]["mean_output_tokens"] == 3
+    cost = report["cost"]
+    assert cost["gpus_needed"] == math.ceil(2 * 3 / report["bench"]["output_tokens_per_s"])
+    assert cost["meets_latency_target"] is True and cost["model_estimate"]["gpus_needed"] >= 1
+    printed = capsys.readouterr().out
+    assert "output tokens/s" in printed and "$ per 1M output tokens" in printed
+    with pytest.raises(ValueError, match="--concurrency"):
+        BenchConfig(url="http://127.0.0.1:1", concurrency=0)

@@ -1,0 +1,309 @@
+"""DeepSpeed checkpoints that survive crashes, and the final Hugging Face export.
+
+Layout under ``RUN/checkpoints/``::
+
+    step_00000100/          one DeepSpeed tag: model, optimizer, scheduler states (per rank)
+        rank_00000_state.pt    data position + RNG states of rank 0 (one per rank)
+        manifest.json          written last: step, world size, every file with its size
+    step_00000200/
+    latest                  text file naming the newest complete tag
+
+A save goes into ``tmp-step_...`` first; only after every rank has written
+its files does rank 0 write the manifest, rename the directory into place and
+replace ``latest`` (``os.replace`` is atomic), so a crash at any moment
+leaves the previous ``latest`` whole.  Loading checks the manifest (present,
+sizes, zip directories intact) on every rank and agrees across ranks before
+DeepSpeed touches the files, so a damaged checkpoint is a clear error naming
+the earlier ones that still load -- never a hang or a half-restored model.
+Assumes the checkpoint directory is on a filesystem every node sees (as
+DeepSpeed's own ``latest`` does).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TAG_PREFIX = "step_"
+TMP_PREFIX = "tmp-"
+# CRC-check every byte of checkpoints up to this size at load; bigger ones get the cheap checks only.
+FULL_VERIFY_BYTES = 1 << 30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or corrupt (a user-facing error: one line, exit 2)."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+# ---------------------------------------------------------------------------- RNG and data position
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+def _rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only if ``ok`` on every rank (so all ranks raise together instead of one hanging)."""
+    dist = _dist()
+    if dist is None:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------- finding checkpoints
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints (with a manifest) in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    tags = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(tags, key=lambda p: p.name)
+
+
+def resolve_checkpoint(spec: str | Path, default_dir: str | Path | None = None) -> Path:
+    """The checkpoint tag directory meant by ``spec``.
+
+    ``spec``: "latest" (in ``default_dir``), a tag directory, a checkpoints/
+    directory (its ``latest``), or a run folder (its checkpoints/latest).
+    """
+    if str(spec) == "latest":
+        if default_dir is None:
+            raise CheckpointError("--resume latest needs a run folder (--out)")
+        return _follow_latest(Path(default_dir))
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {path}")
+    if (path / MANIFEST).is_file() or path.name.startswith((TAG_PREFIX, TMP_PREFIX)):
+        return path
+    if (path / LATEST).is_file():
+        return _follow_latest(path)
+    if (path / "checkpoints").is_dir():
+        return _follow_latest(path / "checkpoints")
+    raise CheckpointError(f"--resume: {path} is neither a checkpoint (no {MANIFEST}) nor a folder with a "
+                          f"'{LATEST}' pointer")
+
+
+def _follow_latest(directory: Path) -> Path:
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        found = list_checkpoints(directory)
+        hint = f"; complete checkpoints there: {[p.name for p in found]}" if found else ""
+        raise CheckpointError(f"nothing to resume: {directory} has no '{LATEST}' pointer (no checkpoint was "
+                              f"completed in this run folder){hint}")
+    tag = pointer.read_text().strip()
+    return directory / tag
+
+
+def verify_checkpoint(path: str | Path, *, full: bool | None = None) -> dict[str, Any]:
+    """The manifest of checkpoint ``path`` after checking its files; CheckpointError says what is wrong.
+
+    Checks: manifest present (absent = the save never finished), every listed
+    file present with its recorded size, torch zip archives readable; with
+    ``full`` (default: checkpoints under 1 GiB) also every member's CRC.
+    """
+    path = Path(path)
+    earlier = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
+    hint = (f"; earlier complete checkpoints: {', '.join(earlier)} (resume one with --resume {path.parent}/"
+            f"{earlier[-1]})" if earlier else "")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}: the save never finished){hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: unreadable {MANIFEST} ({exc}){hint}") from None
+    total = sum(files.values())
+    full = total <= FULL_VERIFY_BYTES if full is None else full
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing{hint}")
+        actual = file.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {actual} bytes, the manifest "
+                                  f"recorded {size}{hint}")
+        if name.endswith(".pt"):
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    bad = archive.testzip() if full else None
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise CheckpointError(f"checkpoint {path} is corrupt: {name} is not a readable archive ({exc})"
+                                      f"{hint}") from None
+            if bad is not None:
+                raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its CRC check at {bad}{hint}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------- save / load
+class Checkpointer:
+    """Atomic DeepSpeed save/load with keep-last-K, for one run's checkpoints/ folder."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Save at ``step`` on every rank (a collective call); returns the final tag directory."""
+        rank = _rank()
+        tag = tag_for_step(step)
+        tmp_tag = TMP_PREFIX + tag
+        tmp_dir = self.directory / tmp_tag
+        if rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if tmp_dir.exists():  # debris of a save that crashed
+                shutil.rmtree(tmp_dir)
+        _barrier()
+        engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rank_state, tmp_dir / f"rank_{rank:05d}_state.pt")
+        _barrier()  # every rank's files are on disk
+        final_dir = self.directory / tag
+        if rank == 0:
+            files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+            manifest = {"step": step, "tag": tag, "world_size": _world(), "files": files,
+                        "client_state_keys": sorted(client_state)}
+            _write_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
+            if final_dir.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+                shutil.rmtree(final_dir)
+            os.replace(tmp_dir, final_dir)
+            _write_atomic(self.directory / LATEST, tag + "\n")
+            self._prune()
+        _barrier()
+        return final_dir
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.directory)[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, engine, spec: str | Path) -> dict[str, Any]:
+        """Restore engine (model, optimizer, scheduler) + RNG from ``spec``; returns the client state.
+
+        Every rank verifies the files first and the ranks agree, so a damaged
+        checkpoint raises CheckpointError everywhere instead of deadlocking.
+        """
+        error: CheckpointError | None = None
+        manifest: dict[str, Any] = {}
+        try:
+            path = resolve_checkpoint(spec, self.directory)
+            manifest = verify_checkpoint(path)
+            world = _world()
+            if manifest.get("world_size", world) != world:
+                raise CheckpointError(f"checkpoint {path} was written by {manifest['world_size']} ranks; this run "
+                                      f"has {world} (DeepSpeed ZeRO states are per rank: resume with the same "
+                                      f"number of ranks, or convert with zero_to_fp32.py)")
+        except CheckpointError as exc:
+            error = exc
+        if not _all_ok(error is None):
+            raise error or CheckpointError(f"checkpoint {spec}: another rank found it damaged (see its log)")
+        try:
+            loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed raises anything from pickle to RuntimeError
+            raise CheckpointError(f"checkpoint {path} could not be loaded: {type(exc).__name__}: {exc}") from None
+        if loaded is None:
+            raise CheckpointError(f"checkpoint {path} could not be loaded (DeepSpeed found no model states)")
+        rank_file = path / f"rank_{_rank():05d}_state.pt"
+        rank_state = torch.load(rank_file, weights_only=False)  # our own file: RNG states are pickled tuples
+        if "rng" in rank_state:
+            set_rng_state(rank_state["rng"])
+        state = dict(client_state or {})
+        state.update(rank_state)
+        state["checkpoint"] = str(path)
+        return state
+
+
+def _world() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- final export
+def export_final(engine, out_dir: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path | None:
+    """Write the trained model to ``out_dir`` in Hugging Face layout (+ tokenizer.model); collective.
+
+    ZeRO-3 shards parameters across ranks, so the full 16-bit (or fp32, when
+    training in fp32) weights are gathered layer by layer onto rank 0 with
+    DeepSpeed's consolidated state dict, loaded into a meta-built copy of the
+    model with ``assign=True`` (no second allocation), and saved there.
+    Returns the directory on rank 0, None elsewhere.
+    """
+    out_dir = Path(out_dir)
+    module = engine.module
+    rank = _rank()
+    if engine.zero_optimization_partition_weights():
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # all ranks take part; rank 0 gets it
+        if rank == 0:
+            from tritium.model.transformer import Transformer
+
+            with torch.device("meta"):
+                module = Transformer(module.config, backend=module.backend)
+            module.load_state_dict(state_dict, assign=True, strict=True)
+    if rank == 0:
+        module.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save(out_dir)
+        for name, text in (extra_files or {}).items():
+            (out_dir / name).write_text(text)
+    _barrier()
+    return out_dir if rank == 0 else None

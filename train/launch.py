@@ -1,0 +1,125 @@
+"""Spawning ranks: ``tritium train --nproc N`` runs the deepspeed launcher (or torchrun) for you.
+
+Every way of launching ends in the same rank entry point, ``python -m
+tritium.train`` (``train/__main__.py``):
+
+    tritium train --nproc 2 ...                          -> deepspeed --num_gpus 2 --module tritium.train ...
+    deepspeed --num_gpus 2 -m tritium.train ...          (the launcher sets RANK/LOCAL_RANK/WORLD_SIZE)
+    torchrun --nproc_per_node 2 -m tritium.train ...     (same variables)
+    deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 -m tritium.train ...   (multi-node, via ssh/pdsh)
+
+Without CUDA the children get ``DS_ACCELERATOR=cpu`` and talk over gloo, so a
+2-rank ZeRO run is a real test on a laptop.  The deepspeed launcher sets
+``CUDA_VISIBLE_DEVICES`` and counts GPUs it cannot see on a CPU machine; it
+still starts ``--num_gpus`` processes there, which is what we rely on.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tritium.train.config import TrainConfig
+
+RANK_MODULE = "tritium.train"
+
+
+def in_launcher() -> bool:
+    """True inside a rank started by deepspeed/torchrun/mpirun (never spawn again from there)."""
+    return "LOCAL_RANK" in os.environ or "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ
+
+
+def hostfile_slots(path: str | Path) -> dict[str, int]:
+    """``host slots=N`` lines of a DeepSpeed hostfile (comments and blank lines skipped)."""
+    slots: dict[str, int] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            count = int(parts[1].split("=", 1)[1]) if len(parts) > 1 and parts[1].startswith("slots=") else None
+        except ValueError:
+            count = None
+        if count is None or count < 1:
+            raise ValueError(f"hostfile {path}:{number}: expected 'hostname slots=N', got {line!r}")
+        slots[parts[0]] = count
+    if not slots:
+        raise ValueError(f"hostfile {path} lists no hosts")
+    return slots
+
+
+def planned_world_size(cfg: TrainConfig) -> int:
+    """Ranks the launch will start (for validating the batch layout before spawning anything)."""
+    if cfg.hostfile and cfg.nnodes > 1:
+        hosts = list(hostfile_slots(cfg.hostfile).values())[: cfg.nnodes]
+        if len(hosts) < cfg.nnodes:
+            raise ValueError(f"--nnodes {cfg.nnodes} but hostfile {cfg.hostfile} lists {len(hosts)} host(s)")
+        return sum(min(slots, cfg.nproc) for slots in hosts)
+    return cfg.nproc * cfg.nnodes
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _deepspeed_runner() -> list[str]:
+    script = Path(sys.executable).with_name("deepspeed")
+    if script.is_file():
+        return [sys.executable, str(script)]
+    found = shutil.which("deepspeed")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from deepspeed.launcher.runner import main; main()"]
+
+
+def launcher_command(cfg: TrainConfig, rank_args: list[str], module: str = RANK_MODULE) -> list[str]:
+    """The command that starts cfg's ranks running ``python -m module rank_args``."""
+    if cfg.launcher == "torchrun":
+        if cfg.nnodes > 1:
+            raise ValueError("--launcher torchrun with --nnodes > 1: run torchrun on every node yourself "
+                             "(see the README's multi-node section) or use --launcher deepspeed with --hostfile")
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+                "-m", module, *rank_args]
+    command = [*_deepspeed_runner(), f"--master_port={_free_port()}"]
+    if cfg.hostfile:
+        command += [f"--hostfile={cfg.hostfile}", f"--num_nodes={cfg.nnodes}"]
+    command += [f"--num_gpus={cfg.nproc}", "--module", module, *rank_args]
+    return command
+
+
+def child_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def spawn(command: list[str], env: dict[str, str] | None = None) -> int:
+    """Run the launcher, forwarding SIGTERM/SIGINT so the ranks can checkpoint before exiting."""
+    process = subprocess.Popen(command, env=env or child_environment())
+
+    def forward(signum, frame):
+        try:
+            process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,367 @@
+"""The one training loop: forward, loss, backward, optimizer step -- for pretraining, SFT and DPO alike.
+
+``run(engine, batches, loss_fn, cfg=...)`` knows nothing about objectives:
+``loss_fn(model, batch) -> (loss, metrics)`` supplies the loss (next-token NLL,
+masked SFT NLL, a preference loss), and ``batches(start)`` the micro-batches
+of this rank.  DeepSpeed owns the numerics of a step -- gradient accumulation
+(``engine.step()`` only updates on the accumulation boundary), loss scaling,
+clipping, ZeRO partitioning, the lr schedule -- so the loop is the same four
+lines at every scale.  Around them it does what every run needs: metrics
+averaged over ranks and micro-batches, tokens/s and MFU, validation, periodic
+and on-signal checkpoints, a progress bar with ETA on rank 0.
+
+Stopping on SIGTERM/SIGINT: the handler only raises a flag; the ranks agree
+on it with one all-reduce per optimizer step, so every rank checkpoints the
+same step and exits together (a rank stopping alone would hang the others
+in their next collective).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from tritium.train.checkpoints import Checkpointer, rng_state
+from tritium.train.config import TrainConfig
+from tritium.train.metrics import MetricsWriter, device_peak_flops, memory_stats, read_metrics
+
+LossFn = Callable[[Any, Mapping[str, Any]], "tuple[torch.Tensor, Mapping[str, Any]]"]
+BatchSource = Callable[[int], Iterable[Mapping[str, Any]]]
+
+
+@dataclass
+class LoopState:
+    """Where a run is; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0  # optimizer steps completed
+    micro_step: int = 0  # micro-batches this rank has consumed (the data position)
+    tokens: int = 0  # tokens processed over all ranks
+    best_val_loss: float | None = None  # lowest validation loss so far
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "micro_step": self.micro_step, "tokens": self.tokens,
+                "best_val_loss": self.best_val_loss}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoopState":
+        return cls(step=int(data.get("step", 0)), micro_step=int(data.get("micro_step", 0)),
+                   tokens=int(data.get("tokens", 0)), best_val_loss=data.get("best_val_loss"))
+
+
+@dataclass
+class LoopResult:
+    state: LoopState  # where the loop stopped
+    history: list[dict[str, Any]] = field(default_factory=list)  # the logged records (rank 0; [] elsewhere)
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT (a checkpoint was saved)
+    last_checkpoint: Path | None = None  # newest checkpoint written by this loop
+
+    @property
+    def last_loss(self) -> float | None:
+        losses = [r["loss"] for r in self.history if r.get("loss") is not None]
+        return losses[-1] if losses else None
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean().item())
+    return float(value)
+
+
+class _MicroBatches:
+    """Endless micro-batches from ``source(start)``; restarts the source at the current position when it ends."""
+
+    def __init__(self, source: BatchSource | Iterable, start: int):
+        self.source = source
+        self.position = start
+        self._iterator: Iterator | None = None
+
+    def _open(self) -> Iterator:
+        if callable(self.source):
+            return iter(self.source(self.position))
+        if self.position and self._iterator is None:
+            raise ValueError("resuming needs batches as a callable start -> iterator (the data position)")
+        return iter(self.source)
+
+    def next(self) -> Mapping[str, Any]:
+        for attempt in range(2):
+            if self._iterator is None:
+                self._iterator = self._open()
+            try:
+                batch = next(self._iterator)
+                self.position += 1
+                return batch
+            except StopIteration:
+                self._iterator = None
+        raise ValueError(f"the batch source yields no batches (at position {self.position})")
+
+
+def evaluate(engine, make_eval_batches: Callable[[], Iterable[Mapping[str, Any]]], loss_fn: LossFn,
+             max_batches: int) -> dict[str, float]:
+    """Mean validation loss (token-weighted across micro-batches and ranks) and perplexity."""
+    dist = _dist()
+    batches = []
+    for batch in make_eval_batches():
+        batches.append(batch)
+        if len(batches) >= max_batches:
+            break
+    count = torch.tensor([len(batches)], dtype=torch.long)
+    if dist is not None:  # ZeRO-3 forwards are collective: every rank must run the same number
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    was_training = engine.training
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in batches[: int(count.item())]:
+            batch = _to_device(batch, engine.device)
+            loss, metrics = loss_fn(engine, batch)
+            tokens = float(metrics.get("num_tokens", _count_tokens(batch)))
+            totals += torch.tensor([_as_float(loss) * tokens, tokens], dtype=torch.float64)
+    if was_training:
+        engine.train()
+    if dist is not None:
+        dist.all_reduce(totals)
+    if totals[1] <= 0:
+        return {}
+    val_loss = float(totals[0] / totals[1])
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def _count_tokens(batch: Mapping[str, Any]) -> int:
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: LossFn, *, cfg: TrainConfig,
+        run_dir: str | Path | None = None, state: LoopState | Mapping[str, Any] | None = None,
+        checkpointer: Checkpointer | None = None, make_eval_batches: Callable[[], Iterable] | None = None,
+        eval_loss_fn: LossFn | None = None, flops_per_token: float | None = None,
+        client_state: Callable[[], dict[str, Any]] | None = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None) -> LoopResult:
+    """Train ``engine`` until ``cfg.max_steps`` optimizer steps (or a stop signal).
+
+    batches: ``start -> iterator`` of this rank's micro-batches beginning at micro-batch ``start``
+        (how a resumed run continues the data), or a plain iterable when never resuming.
+    loss_fn: ``(model, batch) -> (scalar loss, metrics)``; ``model`` is the engine, batch tensors are on
+        its device. metrics values are floats or tensors; ``num_tokens`` (optional) counts tokens.
+    state: where to start (``LoopState`` or the dict a checkpoint returned); default: step 0.
+    checkpointer: saves every ``cfg.save_interval`` steps, at the end, and on SIGTERM/SIGINT.
+    make_eval_batches: fresh finite iterable of validation micro-batches (every ``cfg.eval_interval`` steps).
+    flops_per_token: model FLOPs per trained token, for MFU (``tritium.model.sizing.flops_per_token``).
+    client_state: extra JSON-able state to store in each checkpoint (e.g. tokenizer fingerprint).
+    """
+    dist = _dist()
+    rank = dist.get_rank() if dist is not None else 0
+    world = dist.get_world_size() if dist is not None else 1
+    is_main = rank == 0
+    state = state if isinstance(state, LoopState) else LoopState.from_dict(state or {})
+    grad_accum = engine.gradient_accumulation_steps()
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    peak, peak_source = device_peak_flops(precision, cfg.peak_flops)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, enabled=is_main)
+    history: list[dict[str, Any]] = []
+    source = _MicroBatches(batches, state.micro_step)
+    eval_loss_fn = eval_loss_fn or loss_fn
+    last_checkpoint: Path | None = None
+    saved_step = -1
+
+    def save() -> Path | None:
+        nonlocal last_checkpoint, saved_step
+        if checkpointer is None or saved_step == state.step:
+            return None
+        extra = client_state() if client_state is not None else {}
+        last_checkpoint = checkpointer.save(engine, state.step, {"loop": state.to_dict(), **extra},
+                                            {"rng": rng_state(), "micro_step": state.micro_step})
+        saved_step = state.step
+        return last_checkpoint
+
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.5, file=sys.stderr)
+
+    interrupted = False
+    # ZeRO-0 in fp32 hands grads straight to the torch optimizer and keeps no norm: measure it ourselves
+    plain_grads = not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+    last_grad_norm: float | None = None
+    # running sums since the last log line: [loss*n, n, tokens, metric sums...]
+    sums: dict[str, float] = {}
+    count = 0
+    tokens_since = 0
+    window_start = time.perf_counter()
+    engine.train()
+    try:
+        with _StopFlag() as stop:
+            while state.step < cfg.max_steps:
+                # ---- one optimizer step = grad_accum micro-batches (DeepSpeed steps on the boundary)
+                lrs = engine.get_lr()  # the lr this step uses (the scheduler advances inside engine.step)
+                for _ in range(grad_accum):
+                    batch = _to_device(source.next(), engine.device)
+                    loss, metrics = loss_fn(engine, batch)  # 1. forward  2. loss
+                    engine.backward(loss)  # 3. backward (scaled for fp16, divided by grad_accum)
+                    if plain_grads and engine.is_gradient_accumulation_boundary():
+                        last_grad_norm = _grad_norm(engine.module)
+                    engine.step()  # 4. optimizer step on the accumulation boundary, lr schedule, zero_grad
+                    state.micro_step += 1
+                    tokens = int(_as_float(metrics.get("num_tokens", _count_tokens(batch))))
+                    tokens_since += tokens
+                    sums["loss"] = sums.get("loss", 0.0) + _as_float(loss)
+                    for key, value in metrics.items():
+                        if key != "num_tokens":
+                            sums[key] = sums.get(key, 0.0) + _as_float(value)
+                    count += 1
+                state.step += 1
+                stop_now = _agree_stop(stop.signal is not None, dist)
+                last = state.step >= cfg.max_steps
+                if state.step % cfg.log_interval == 0 or last or stop_now:
+                    record = _log_record(engine, state, sums, count, tokens_since, window_start, dist, world,
+                                         flops_per_token, peak, peak_source, lrs, last_grad_norm)
+                    state.tokens += int(record.pop("_tokens"))
+                    sums, count, tokens_since = {}, 0, 0
+                    window_start = time.perf_counter()
+                    if cfg.eval_interval and make_eval_batches is not None and (
+                            state.step % cfg.eval_interval == 0 or last):
+                        record.update(evaluate(engine, make_eval_batches, eval_loss_fn, cfg.eval_steps))
+                        if "val_loss" in record and (state.best_val_loss is None
+                                                     or record["val_loss"] < state.best_val_loss):
+                            state.best_val_loss = record["val_loss"]
+                    if is_main:
+                        history.append(record)
+                        writer.write(record)
+                        if on_log is not None:
+                            on_log(record)
+                        _show(bar, record, cfg)
+                elif cfg.eval_interval and make_eval_batches is not None and state.step % cfg.eval_interval == 0:
+                    record = {"step": state.step, **evaluate(engine, make_eval_batches, eval_loss_fn, cfg.eval_steps)}
+                    if is_main:
+                        history.append(record)
+                        writer.write(record)
+                if bar is not None:
+                    bar.update(1)
+                if stop_now:
+                    save()
+                    interrupted = True
+                    if is_main:
+                        name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
+                        print(f"\ntritium train: stopped by {name} at step {state.step}; checkpoint saved"
+                              f"{' to ' + str(last_checkpoint) if last_checkpoint else ''}", file=sys.stderr,
+                              flush=True)
+                    break
+                if checkpointer is not None and cfg.save_interval and state.step % cfg.save_interval == 0:
+                    save()
+            if not interrupted:
+                save()  # the end of a run is always resumable (e.g. to extend max_steps)
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+    return LoopResult(state=state, history=history, interrupted=interrupted, last_checkpoint=last_checkpoint)
+
+
+def _agree_stop(local: bool, dist) -> bool:
+    if dist is None:
+        return local
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _log_record(engine, state: LoopState, sums: dict[str, float], count: int, tokens: int, window_start: float,
+                dist, world: int, flops_per_token: float | None, peak: float, peak_source: str,
+                lrs: list[float], grad_norm_override: float | None = None) -> dict[str, Any]:
+    """Average metrics over micro-batches and ranks; throughput over the window since the last log."""
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys] + [float(count), float(tokens)], dtype=torch.float64)
+    if dist is not None:
+        dist.all_reduce(values)
+    elapsed = max(time.perf_counter() - window_start, 1e-9)
+    total_count, total_tokens = values[-2].item(), values[-1].item()
+    record: dict[str, Any] = {"step": state.step}
+    for i, key in enumerate(keys):
+        record[key] = values[i].item() / max(total_count, 1.0)
+    record["lr"] = float(lrs[0]) if lrs else None
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is None:
+        grad_norm = grad_norm_override
+    record["grad_norm"] = _as_float(grad_norm) if grad_norm is not None else None
+    tokens_per_s = total_tokens / elapsed
+    record["tokens_per_s"] = tokens_per_s
+    record["tokens"] = state.tokens + int(total_tokens)
+    if flops_per_token and peak and math.isfinite(peak):
+        record["mfu"] = tokens_per_s * flops_per_token / (peak * world)
+    else:
+        record["mfu"] = None
+    record["peak_flops"] = peak if math.isfinite(peak) else None
+    record["peak_flops_source"] = peak_source
+    if engine.fp16_enabled():
+        scaler = getattr(engine.optimizer, "cur_scale", None) or getattr(engine.optimizer, "loss_scale", None)
+        if isinstance(scaler, (int, float)):
+            record["loss_scale"] = float(scaler)
+    record.update(memory_stats())
+    record["elapsed_s"] = elapsed
+    record["_tokens"] = total_tokens
+    return record
+
+
+def _show(bar, record: dict[str, Any], cfg: TrainConfig) -> None:
+    parts = {"loss": f"{record['loss']:.4f}" if record.get("loss") is not None else "-",
+             "lr": f"{record['lr']:.2e}" if record.get("lr") is not None else "-",
+             "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if record.get("mfu") is not None:
+        parts["mfu"] = f"{100 * record['mfu']:.1f}%"
+    if record.get("val_loss") is not None:
+        parts["val"] = f"{record['val_loss']:.4f}"
+    if bar is not None:
+        bar.set_postfix(parts, refresh=False)
+    else:
+        print(f"step {record['step']}/{cfg.max_steps} " + " ".join(f"{k}={v}" for k, v in parts.items()), flush=True)
+
+
+__all__ = ["LoopResult", "LoopState", "evaluate", "read_metrics", "run"]
