@@ -28,7 +28,7 @@ _EXPORTS = {
     "FusedLinearCrossEntropyLoss": "modules", "LinearCrossEntropyHead": "modules",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

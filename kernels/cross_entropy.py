@@ -35,8 +35,6 @@ outside (shape (0,)) raises a ValueError that says so. Tied embeddings additiona
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -162,8 +160,8 @@ def _validate_targets(targets: torch.Tensor, v: int, ignore_index: int, device: 
             raise ValueError(f"targets must be in [0, {v}) or ignore_index={ignore_index}, found {value}")
 
 
-def _launch(logits: torch.Tensor, grad: Optional[torch.Tensor], targets: torch.Tensor,
-            loss: Optional[torch.Tensor], lse: torch.Tensor, scale: Optional[torch.Tensor],
+def _launch(logits: torch.Tensor, grad: torch.Tensor | None, targets: torch.Tensor,
+            loss: torch.Tensor | None, lse: torch.Tensor, scale: torch.Tensor | None,
             ignore_index: int, label_smoothing: float, z_loss: float, has_lse: bool) -> None:
     n, v = logits.shape
     if n == 0:
@@ -219,7 +217,7 @@ def _validate_flce(hidden: torch.Tensor, weight: torch.Tensor) -> None:
 
 def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-             grad_hidden: bool = False, grad_weight: bool = False, chunk_size: Optional[int] = None
+             grad_hidden: bool = False, grad_weight: bool = False, chunk_size: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked forward over tokens. hidden (N, H), weight (V, H), targets (N,).
 
@@ -262,7 +260,7 @@ def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 
 def flce_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
              lse: torch.Tensor, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
-             grad_hidden: bool = True, grad_weight: bool = True, chunk_size: Optional[int] = None
+             grad_hidden: bool = True, grad_weight: bool = True, chunk_size: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recomputing backward for per-token incoming gradients (reduction "none").
 
@@ -447,7 +445,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                               z_loss: float = 0.0, chunk_size: Optional[int] = None) -> torch.Tensor:
+                               z_loss: float = 0.0, chunk_size: int | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` without materializing the (tokens x vocab) logits.
 
     Args:
@@ -502,6 +500,6 @@ def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 
 def fused_linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                                   z_loss: float = 0.0, chunk_size: Optional[int] = None) -> torch.Tensor:
+                                   z_loss: float = 0.0, chunk_size: int | None = None) -> torch.Tensor:
     """Unfused: full logits ``hidden @ weight.T`` (input dtype) then ``cross_entropy_ref``."""
     return cross_entropy_ref(hidden @ weight.t(), targets, ignore_index, reduction, label_smoothing, z_loss)

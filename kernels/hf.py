@@ -8,10 +8,11 @@ What each switch does:
 - ``rms_norm``: every ``<Arch>RMSNorm`` instance runs ``rms_norm`` (same HF casting).
 - ``mlp``: every ``<Arch>MLP`` instance runs ``down_proj(swiglu(gate_proj(x), up_proj(x)))``; the
   ``nn.Linear`` children stay (LoRA, biases, ZeRO-3 hooks keep working). Needs ``hidden_act`` silu.
-- ``rope``: the architecture's ``apply_rotary_pos_emb`` runs ``apply_rope`` on HF's (B, H, T, D)
-  tensors through transposed views (no copies). The function lives at module level in
-  ``modeling_<arch>``, so this switch affects every model of that architecture in the process
-  (numerically equivalent; calls it cannot handle fall back to the original).
+- ``rope``: ``apply_rotary_pos_emb`` runs ``apply_rope`` on HF's (B, H, T, D) tensors through
+  transposed views (no copies). That function lives at module level in ``modeling_<arch>``; it is
+  wrapped once, and takes the kernel only while a patched model's attention module runs (a
+  thread-local flag set by the patched attention ``forward``), so unpatched models of the same
+  architecture keep HF's code. Calls the kernel cannot handle fall back to the original.
 - ``loss``: with ``labels``, ``<Arch>ForCausalLM.forward`` computes the loss with fused linear
   cross-entropy inside ``lm_head``'s forward (so ZeRO-3 gathers the head weight) and never builds the
   training logits: ``logits`` is None in training mode; in eval mode the logits are computed as
@@ -21,8 +22,10 @@ What each switch does:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
+import threading
 import types
 from typing import Any
 
@@ -48,14 +51,36 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+# Set while a patched attention module runs: the module-level RoPE function serves every model of
+# the architecture, and only patched models (including checkpoint recomputation) take the kernel.
+_ROPE_ACTIVE = threading.local()
+
+
+def _rope_active() -> bool:
+    return getattr(_ROPE_ACTIVE, "depth", 0) > 0
+
+
+def _with_rope_kernel(forward):
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        _ROPE_ACTIVE.depth = getattr(_ROPE_ACTIVE, "depth", 0) + 1
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _ROPE_ACTIVE.depth -= 1
+
+    wrapped._tritium_rope = True
+    return wrapped
+
+
 def _make_rope(original):
     from tritium.kernels.rope import apply_rope
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
         # HF layout: q (B, Hq, T, D), k (B, Hkv, T, D), cos/sin (B, T, D) broadcast over heads.
-        if (unsqueeze_dim != 1 or kwargs or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
+        if (not _rope_active() or unsqueeze_dim != 1 or kwargs or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
                 or cos.shape[-1] != q.shape[-1] or cos.shape[-2] != q.shape[-2]):
-            return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
+            return apply_rotary_pos_emb._tritium_original(q, k, cos, sin, unsqueeze_dim, **kwargs)
         q_out, k_out = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
@@ -134,6 +159,7 @@ def patch(model: torch.nn.Module, rms_norm: bool = True, mlp: bool = True, rope:
     modeling = importlib.import_module(module_name)
     norm_cls = getattr(modeling, f"{prefix}RMSNorm")
     mlp_cls = getattr(modeling, f"{prefix}MLP")
+    attention_cls = getattr(modeling, f"{prefix}Attention")
 
     if mlp:
         act = getattr(config, "hidden_act", "silu")
@@ -145,6 +171,8 @@ def patch(model: torch.nn.Module, rms_norm: bool = True, mlp: bool = True, rope:
             module.forward = types.MethodType(_rms_norm_forward, module)
         elif mlp and isinstance(module, mlp_cls):
             module.forward = types.MethodType(_mlp_forward, module)
+        elif rope and isinstance(module, attention_cls) and not getattr(module.forward, "_tritium_rope", False):
+            module.forward = _with_rope_kernel(module.forward)
 
     if rope and not hasattr(modeling.apply_rotary_pos_emb, "_tritium_original"):
         modeling.apply_rotary_pos_emb = _make_rope(modeling.apply_rotary_pos_emb)

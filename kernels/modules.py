@@ -8,11 +8,11 @@ than on ``nn.Linear`` children.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from tritium.kernels.cross_entropy import fused_linear_cross_entropy
 from tritium.kernels.rms_norm import rms_norm
@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return rms_norm(x, self.weight, self.eps, residual)
 
     def extra_repr(self) -> str:
@@ -57,7 +57,7 @@ class SwiGLUMLP(nn.Module):
             raise ValueError(f"hidden_size and ffn_hidden must be >= 1, got {hidden_size}, {ffn_hidden}")
         self.hidden_size, self.ffn_hidden = hidden_size, ffn_hidden
         self.fused_gate_up, self.recompute = fused_gate_up, recompute
-        factory = dict(device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
         if fused_gate_up:
             self.gate_up_weight = nn.Parameter(torch.empty(2 * ffn_hidden, hidden_size, **factory))
             self.gate_weight = self.up_weight = None
@@ -68,7 +68,7 @@ class SwiGLUMLP(nn.Module):
         self.down_weight = nn.Parameter(torch.empty(hidden_size, ffn_hidden, **factory))
         self.reset_parameters()
 
-    def reset_parameters(self, std: Optional[float] = None) -> None:
+    def reset_parameters(self, std: float | None = None) -> None:
         """Normal init (default std 1/sqrt(fan_in)); skipped on the meta device."""
         for name, p in self.named_parameters(recurse=False):
             if p.is_meta:
@@ -94,7 +94,7 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0,
-                 scaling: Optional[dict[str, Any]] = None, device=None):
+                 scaling: dict[str, Any] | None = None, device=None):
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
         cos, sin = rope_cos_sin(max_seq_len, head_dim, theta, scaling, device=device)
@@ -105,7 +105,7 @@ class RotaryEmbedding(nn.Module):
         device = device if device is not None else self.cos.device
         self.cos, self.sin = rope_cos_sin(self.max_seq_len, self.head_dim, self.theta, self.scaling, device=device)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None,
                 inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if position_ids is None and q.shape[1] > self.cos.shape[0]:
             raise ValueError(f"sequence length {q.shape[1]} exceeds RotaryEmbedding.max_seq_len={self.max_seq_len}")
@@ -122,7 +122,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     (or use ``LinearCrossEntropyHead``)."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, chunk_size: Optional[int] = None):
+                 z_loss: float = 0.0, chunk_size: int | None = None):
         super().__init__()
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.z_loss, self.chunk_size = label_smoothing, z_loss, chunk_size
@@ -144,7 +144,7 @@ class LinearCrossEntropyHead(nn.Linear):
     def __init__(self, hidden_size: int, vocab_size: int, device=None, dtype=None):
         super().__init__(hidden_size, vocab_size, bias=False, device=device, dtype=dtype)
 
-    def forward(self, hidden: torch.Tensor, targets: Optional[torch.Tensor] = None, ignore_index: int = -100,
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
                 reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
         if targets is None:
             return F.linear(hidden, self.weight)

@@ -13,8 +13,6 @@ exactly as ``residual + hidden_states`` in the HF decoder layer.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -178,7 +176,7 @@ def _num_bwd_programs(m: int, device: torch.device) -> int:
     return max(1, min(m, 4))
 
 
-def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor]) -> None:
+def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=1, device=x.device)
     if x.dim() == 0:
@@ -195,7 +193,7 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
 
 
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                 residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns (y, new_residual or empty, rstd (M,) fp32)."""
     _validate(x, weight, eps, residual)
     n = x.shape[-1]
@@ -224,7 +222,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 
 
 def rms_norm_bwd(dy: torch.Tensor, x_normed: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 d_new_residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 d_new_residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel. ``x_normed`` is what was normalized (x, or x + residual).
     Returns (dx in x_normed's dtype, dweight in weight's dtype)."""
     n = x_normed.shape[-1]
@@ -256,7 +254,7 @@ def rms_norm_bwd(dy: torch.Tensor, x_normed: torch.Tensor, weight: torch.Tensor,
 # torch.library custom ops keep the launchers opaque to torch.compile (which cannot trace into
 # the launcher's Python) while the fake implementations give it shapes and dtypes.
 @torch.library.custom_op("tritium::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor],
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return rms_norm_fwd(x, weight, eps, residual)
 
@@ -271,7 +269,7 @@ def _(x, weight, residual, eps):
 
 @torch.library.custom_op("tritium::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(dy: torch.Tensor, x_normed: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                     d_new_residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                     d_new_residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return rms_norm_bwd(dy, x_normed, weight, rstd, d_new_residual)
 
 
@@ -307,7 +305,7 @@ class RMSNormFunction(torch.autograd.Function):
 # 4. Public function
 # --------------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-             residual: Optional[torch.Tensor] = None):
+             residual: torch.Tensor | None = None):
     """RMSNorm over the last dimension, with an optional fused residual add.
 
     Args:
@@ -331,7 +329,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 # 5. Reference
 # --------------------------------------------------------------------------------------------------
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                 residual: Optional[torch.Tensor] = None):
+                 residual: torch.Tensor | None = None):
     """Pure PyTorch RMSNorm, the HF ``LlamaRMSNorm`` computation (plus the decoder layer's residual add)."""
     _validate(x, weight, eps, residual)
     if residual is not None:

@@ -12,7 +12,7 @@ each product in the input dtype; the difference is one rounding, within test tol
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import triton
@@ -120,8 +120,8 @@ def _validate(q, k, cos, sin, position_ids) -> None:
 
 
 def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             position_ids: Optional[torch.Tensor] = None, backward: bool = False,
-             out_q: Optional[torch.Tensor] = None, out_k: Optional[torch.Tensor] = None
+             position_ids: torch.Tensor | None = None, backward: bool = False,
+             out_q: torch.Tensor | None = None, out_k: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the rotation (``backward=True`` applies the transpose, i.e. the gradient map).
 
@@ -159,7 +159,7 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 @torch.library.custom_op("tritium::rope", mutates_args=())
 def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             position_ids: Optional[torch.Tensor], backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             position_ids: torch.Tensor | None, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return rope_fwd(q, k, cos, sin, position_ids, backward)
 
 
@@ -170,7 +170,7 @@ def _(q, k, cos, sin, position_ids, backward):
 
 @torch.library.custom_op("tritium::rope_", mutates_args=("q", "k"))
 def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     position_ids: Optional[torch.Tensor]) -> None:
+                     position_ids: torch.Tensor | None) -> None:
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("in-place RoPE needs q and k with a contiguous last dim")
     rope_fwd(q, k, cos, sin, position_ids, False, out_q=q, out_k=k)
@@ -203,7 +203,7 @@ class RoPEFunction(torch.autograd.Function):
 # 4. Public functions
 # --------------------------------------------------------------------------------------------------
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               position_ids: Optional[torch.Tensor] = None, inplace: bool = False
+               position_ids: torch.Tensor | None = None, inplace: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, Hq, D) and k (B, T, Hkv, D) by RoPE (HF rotate_half layout).
 
@@ -232,7 +232,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return RoPEFunction.apply(q, k, cos, sin, position_ids)
 
 
-def _inv_freq(head_dim: int, theta: float, scaling: Optional[dict[str, Any]], seq_len: int) -> torch.Tensor:
+def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None, seq_len: int) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if not scaling:
         return inv_freq
@@ -265,8 +265,8 @@ def _inv_freq(head_dim: int, theta: float, scaling: Optional[dict[str, Any]], se
     raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, dynamic, llama3")
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, scaling: Optional[dict[str, Any]] = None,
-                 device: Optional[torch.device | str] = None, dtype: torch.dtype = torch.float32
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (seq_len, head_dim), rows = positions 0..seq_len-1, HF Llama layout.
 
@@ -295,7 +295,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   position_ids: Optional[torch.Tensor] = None, inplace: bool = False
+                   position_ids: torch.Tensor | None = None, inplace: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch RoPE: ``x * cos + rotate_half(x) * sin`` in fp32, rounded to q's dtype."""
     _validate(q, k, cos, sin, position_ids)

@@ -12,8 +12,6 @@ before the product with ``up``, exactly as ``act_fn(gate_proj(x)) * up_proj(x)``
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -217,7 +215,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         return dx, d_w_gate, d_w_up, d_w_down
 
 
-def _project(x2: torch.Tensor, w_gate: torch.Tensor, w_up: Optional[torch.Tensor]):
+def _project(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor | None):
     if w_up is None:
         gate_up = x2 @ w_gate.t()  # (M, 2 * ffn); the halves are strided views, no copy
         ffn = w_gate.shape[0] // 2
@@ -255,7 +253,7 @@ def _validate_mlp(x, w_gate, w_up, w_down) -> None:
         raise ValueError(f"w_down must be (hidden={hidden}, ffn={ffn}), got {tuple(w_down.shape)}")
 
 
-def swiglu_mlp(x: torch.Tensor, w_gate_up_or_gate: torch.Tensor, w_up: Optional[torch.Tensor],
+def swiglu_mlp(x: torch.Tensor, w_gate_up_or_gate: torch.Tensor, w_up: torch.Tensor | None,
                w_down: torch.Tensor, recompute: bool = True) -> torch.Tensor:
     """The SwiGLU feed-forward block ``down(silu(x W_gate^T) * (x W_up^T))``.
 
@@ -285,7 +283,7 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def swiglu_mlp_ref(x: torch.Tensor, w_gate_up_or_gate: torch.Tensor, w_up: Optional[torch.Tensor],
+def swiglu_mlp_ref(x: torch.Tensor, w_gate_up_or_gate: torch.Tensor, w_up: torch.Tensor | None,
                    w_down: torch.Tensor, recompute: bool = True) -> torch.Tensor:
     """Eager ``down_proj(silu(gate_proj(x)) * up_proj(x))``; ``recompute`` is accepted and ignored."""
     _validate_mlp(x, w_gate_up_or_gate, w_up, w_down)

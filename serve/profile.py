@@ -312,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="ModelConfig preset for the random model")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default=None, help="write the JSON here too")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is fastest for small models on a shared CPU)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from tritium.model.config import ModelConfig
     from tritium.model.tokenizer import train_tokenizer

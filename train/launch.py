@@ -107,19 +107,52 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-def spawn(command: list[str], env: dict[str, str] | None = None) -> int:
-    """Run the launcher, forwarding SIGTERM/SIGINT so the ranks can checkpoint before exiting."""
-    process = subprocess.Popen(command, env=env or child_environment())
+def spawn(command: list[str], env: dict[str, str] | None = None, grace_s: float = 300.0) -> int:
+    """Run the launcher in its own process group; on SIGTERM/SIGINT signal the whole group and wait for it.
+
+    The single-node deepspeed runner does not forward signals (it just dies,
+    leaving the ranks running), so the signal goes to every process of the
+    group -- runner, per-node launcher and ranks -- and we wait until the ranks
+    have saved their checkpoint and exited (at most ``grace_s`` seconds).
+    """
+    process = subprocess.Popen(command, env=env or child_environment(), start_new_session=True)
+    received: list[int] = []
 
     def forward(signum, frame):
+        received.append(signum)
         try:
-            process.send_signal(signum)
+            os.killpg(process.pid, signum)
         except ProcessLookupError:
             pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return process.wait()
+        code = process.wait()
+        if received:
+            _wait_for_group(process.pid, grace_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if code < 0:  # killed by a signal: the shell convention
+        code = 128 - code
+    return code
+
+
+def _group_alive(pgid: int) -> bool:
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return False
+
+
+def _wait_for_group(pgid: int, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)

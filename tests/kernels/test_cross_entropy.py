@@ -2,11 +2,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.cross_entropy as ce_mod
-from kernel_tolerances import assert_close_rule, dtype_params
-from tritium.kernels.cross_entropy import (cross_entropy, cross_entropy_ref, fused_linear_cross_entropy,
-                                           fused_linear_cross_entropy_ref)
+from tritium.kernels.cross_entropy import (
+    cross_entropy,
+    cross_entropy_ref,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
 from tritium.kernels.modules import FusedLinearCrossEntropyLoss, LinearCrossEntropyHead
 
 N, H, V = 19, 16, 301  # odd token count, vocab not a multiple of any block
@@ -45,7 +49,7 @@ def test_flce_matches_unfused_fp32(reduction, label_smoothing, z_loss, device):
     hidden, weight, targets = _data(device, torch.float32, seed=1)
     # Per-token upstream gradients for "none" (as DPO uses it): exactness beyond uniform scaling.
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(2)).to(device)
-    kw = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing, "z_loss": z_loss}
     got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, upstream, chunk_size=8, **kw)
     want = _loss_and_grads(_torch_unfused, hidden, weight, targets, upstream, **kw)
     assert got[0].dtype == torch.float32
@@ -60,7 +64,7 @@ def test_flce_matches_unfused_fp32(reduction, label_smoothing, z_loss, device):
 def test_flce_low_precision_rule(reduction, dtype, device):
     hidden, weight, targets = _data(device, dtype, seed=3)
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(4)).to(device)
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    kw = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-3}
     got = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, upstream, chunk_size=8, **kw)
     same = _loss_and_grads(fused_linear_cross_entropy_ref, hidden, weight, targets, upstream, **kw)
     ref32 = _loss_and_grads(fused_linear_cross_entropy_ref, hidden.float(), weight.float(), targets,
@@ -206,7 +210,7 @@ def test_flce_peak_memory_is_far_below_unfused():
 def test_cross_entropy_custom_ops_pass_opcheck(device):
     hidden, weight, targets = _data(device, torch.float32, seed=12, n=5, v=11)
     torch.library.opcheck(ce_mod._flce_fwd_op, (hidden, weight, targets, -100, "mean", 0.1, 1e-3, True, True, 2))
-    loss, lse, _, _ = ce_mod.flce_fwd(hidden, weight, targets)
+    _loss, lse, _, _ = ce_mod.flce_fwd(hidden, weight, targets)
     torch.library.opcheck(ce_mod._flce_bwd_op, (torch.randn(5, device=device), hidden, weight, targets, lse,
                                                 -100, 0.0, 0.0, True, True, 2))
     logits = hidden @ weight.t()

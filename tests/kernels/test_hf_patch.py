@@ -6,15 +6,15 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from tritium.kernels import hf  # noqa: E402
+from tritium.kernels import hf
 
 VOCAB = 97
 
 
 def _tiny(arch: str):
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  attn_implementation="eager")
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                  "attn_implementation": "eager"}
     torch.manual_seed(0)
     if arch == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=500.0, **common))
@@ -73,8 +73,31 @@ def test_patch_honours_num_items_in_batch_and_switches():
         want = reference(ids, labels=labels, num_items_in_batch=n_items).loss
         got = patched(ids, labels=labels, num_items_in_batch=n_items).loss
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert patched.model.norm.forward.__func__ is not hf._rms_norm_forward if hasattr(
-        patched.model.norm.forward, "__func__") else True
+    assert "forward" not in vars(patched.model.norm)  # rms_norm=False left HF's forward
+    assert "forward" in vars(patched.model.layers[0].mlp)
+    assert "forward" not in vars(patched.model.layers[0].self_attn)  # rope=False
+
+
+def test_rope_patch_only_affects_patched_models():
+    from transformers.models.llama import modeling_llama
+    hf.patch(_tiny("llama"))
+    calls = []
+    original_rope = modeling_llama.apply_rotary_pos_emb._tritium_original
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original_rope(*args, **kwargs)
+
+    modeling_llama.apply_rotary_pos_emb._tritium_original = spy
+    try:
+        ids, _ = _batch()
+        with torch.no_grad():
+            _tiny("llama")(ids)  # unpatched model: HF's rotation
+            assert len(calls) == 1
+            hf.patch(_tiny("llama"))(ids)  # patched: the kernel, not HF's code
+            assert len(calls) == 1
+    finally:
+        modeling_llama.apply_rotary_pos_emb._tritium_original = original_rope
 
 
 def test_patch_rejects_unsupported_architectures():
@@ -91,5 +114,5 @@ def test_patch_rejects_unsupported_architectures():
 def test_import_tritium_kernels_stays_light():
     code = ("import sys, tritium.kernels as k; k.rms_norm; "
             "assert 'transformers' not in sys.modules, 'transformers imported'; print('ok')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

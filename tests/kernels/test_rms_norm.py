@@ -1,9 +1,9 @@
 """RMSNorm kernel vs the PyTorch reference: forward and every gradient, odd sizes, every flag."""
 import pytest
 import torch
+from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.rms_norm as rms_mod
-from kernel_tolerances import assert_close_rule, dtype_params
 from tritium.kernels.rms_norm import rms_norm, rms_norm_ref
 
 SHAPES = [(1, 1), (7, 123), (2, 3, 3000), (1, 5000)]
@@ -35,7 +35,7 @@ def _check(x, w, r, dtype, seed):
     grads = [torch.randn(x.shape, generator=gen).to(x.device) for _ in range(n_out)]
     outs, d = _run(rms_norm, x, w, r, grads)
     refs, d_ref = _run(rms_norm_ref, x, w, r, grads)
-    up = lambda t: t.float() if t is not None else None  # noqa: E731
+    up = lambda t: t.float() if t is not None else None
     refs32, d_ref32 = _run(rms_norm_ref, up(x), up(w), up(r), grads)
     names = ["y", "new_residual"][:n_out]
     for name, o, ref, ref32 in zip(names, outs, refs, refs32):

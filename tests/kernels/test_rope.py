@@ -1,9 +1,9 @@
 """RoPE kernel vs the PyTorch reference (HF rotate_half layout), plus the cos/sin builder vs HF."""
 import pytest
 import torch
+from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.rope as rope_mod
-from kernel_tolerances import assert_close_rule, dtype_params
 from tritium.kernels.modules import RotaryEmbedding
 from tritium.kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
 

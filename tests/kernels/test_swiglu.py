@@ -1,9 +1,9 @@
 """SwiGLU activation and the recomputing SwiGLU MLP vs PyTorch references."""
 import pytest
 import torch
+from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.swiglu as swiglu_mod
-from kernel_tolerances import assert_close_rule, dtype_params
 from tritium.kernels.modules import SwiGLUMLP
 from tritium.kernels.swiglu import swiglu, swiglu_mlp, swiglu_mlp_ref, swiglu_ref
 
