@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import random
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -306,7 +307,7 @@ def cached_reference_logps(checkpoint: str | Path, pairs: Sequence[TokenizedPair
     logps = compute_reference_logps(reference.model, pairs, pad_id, micro_batch)
     del reference
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(".tmp")
+    tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")  # ranks computing at once never share a temp file
     torch.save({"key": key, "logps": logps}, tmp)
     tmp.replace(cache_path)
     return logps
@@ -349,3 +350,87 @@ def make_preference_loss(cfg: PreferenceConfig, reference: ReferenceModel | None
         return losses.mean(), metrics
 
     return loss_fn
+
+
+# ------------------------------------------------------------------------------------- the run
+def preference_datasets(tokenizer: Any, cfg: PreferenceConfig, data: str | None = None,
+                        val_data: str | None = None, per_task: int = 1200, skip_malformed: bool = False
+                        ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict[str, Any]]:
+    """(train pairs, val pairs, info) from JSONL or, without ``data``, the embedded tasks' splits."""
+    from tritium.align.data import load_preference_jsonl
+    from tritium.align.tasks import make_splits, preference_pairs
+
+    info: dict[str, Any] = {}
+    if data is None:
+        splits = make_splits(seed=cfg.seed, per_task=per_task)
+        train_pairs = preference_pairs(splits["train"], seed=cfg.seed)
+        val_pairs = preference_pairs(splits["val"], seed=cfg.seed + 1)
+        info["source"] = f"embedded tasks (seed {cfg.seed}, {per_task} prompts per task)"
+    else:
+        train_pairs, stats = load_preference_jsonl(data, skip_malformed=skip_malformed)
+        info["source"], info["read"] = str(data), stats.summary()
+        if val_data is not None:
+            val_pairs, _ = load_preference_jsonl(val_data, skip_malformed=skip_malformed)
+        else:
+            order = list(range(len(train_pairs)))
+            random.Random(f"dpo-val:{cfg.seed}").shuffle(order)
+            held = set(order[:max(1, len(order) // 20)] if len(order) > 1 else [])
+            val_pairs = [p for i, p in enumerate(train_pairs) if i in held]
+            train_pairs = [p for i, p in enumerate(train_pairs) if i not in held]
+    train, dropped = tokenize_pairs(tokenizer, train_pairs, cfg.max_len)
+    val, _ = tokenize_pairs(tokenizer, val_pairs, cfg.max_len, warn=False)
+    info.update(train_pairs=len(train), dropped_too_long=dropped, val_pairs=len(val))
+    return train, val, info
+
+
+def train_preference(train_cfg: Any, cfg: PreferenceConfig, checkpoint: str, data: str | None = None,
+                     val_data: str | None = None, per_task: int = 1200, skip_malformed: bool = False):
+    """DPO/IPO/SimPO from ``checkpoint`` (policy init = reference) with ``tritium.train.trainer.fit``.
+
+    ``reference="cached"``: reference log-probs of every train/val pair are computed once from
+    ``checkpoint`` and stored in ``OUT/reference_logps*.pt`` (reused when the checkpoint and tokens match).
+    """
+    from tritium.model.tokenizer import Tokenizer
+    from tritium.train.trainer import fit
+
+    tokenizer = Tokenizer.load(checkpoint)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
+    train, val, info = preference_datasets(tokenizer, cfg, data, val_data, per_task, skip_malformed)
+    out = Path(train_cfg.out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_ref = val_ref = None
+    reference = None
+    if cfg.reference == "cached":
+        train_ref = cached_reference_logps(checkpoint, train, pad_id, out / "reference_logps.pt", device=device)
+        if val:
+            val_ref = cached_reference_logps(checkpoint, val, pad_id, out / "reference_logps_val.pt", device=device)
+    elif cfg.reference == "model":
+        reference = _LazyReference(checkpoint)
+    source = PreferenceBatches(train, pad_id, train_cfg.micro_batch, seed=cfg.seed, reference_logps=train_ref)
+    val_source = PreferenceBatches(val, pad_id, train_cfg.micro_batch, seed=cfg.seed, reference_logps=val_ref,
+                                   shuffle=False) if val else None
+    loss_fn = make_preference_loss(cfg, reference)
+
+    def eval_loss_fn(model, batch):
+        # validation loss is the mean over pairs
+        loss, _ = loss_fn(model, batch)
+        return loss, {"num_tokens": float(batch["pair_index"].numel())}
+
+    return fit(train_cfg, make_batches=source, loss_fn=loss_fn, tokenizer=tokenizer, init_from=checkpoint,
+               make_eval_batches=val_source.finite if val_source else None, eval_loss_fn=eval_loss_fn,
+               extra_config={"preference": cfg.to_dict(), "preference_data": info, "checkpoint": str(checkpoint)})
+
+
+class _LazyReference(ReferenceModel):
+    """A frozen copy loaded from the checkpoint on first use, on the device of the first batch."""
+
+    def __init__(self, checkpoint: str | Path) -> None:  # noqa: D107 - no model until the first batch
+        self.checkpoint, self.model = checkpoint, None
+
+    @torch.no_grad()
+    def logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.model is None:
+            from tritium.model.transformer import Transformer
+
+            super().__init__(Transformer.from_pretrained(self.checkpoint, device=batch["input_ids"].device))
+        return super().logps(batch)

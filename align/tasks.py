@@ -142,7 +142,8 @@ def _plausible_wrong(example: TaskExample, rng: random.Random) -> str:
         return " ".join(sorted(values, key=int, reverse=True)) if len(set(values)) > 1 \
             else " ".join(values[:-1])
     if answer.lstrip("-").isdigit():
-        return str(int(answer) + rng.choice((-1, 1, 2, 10)))  # off by a little
+        delta = rng.choice((-1, 1, 2)) if int(answer) > 0 else rng.choice((1, 2))
+        return str(int(answer) + delta)  # off by a little, usually the same length
     return answer[::-1] if answer[::-1] != answer else answer + answer[-1]
 
 

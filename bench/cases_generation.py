@@ -68,10 +68,9 @@ def _decode_bytes(size, mode, dtype):
 
     cfg = ModelConfig.from_name(size["preset"])
     esize = torch.tensor([], dtype=dtype).element_size()
-    params = parameter_breakdown(cfg)["total"]
-    if cfg.tie_embeddings:
-        params += cfg.vocab_size * cfg.hidden_size  # the head reads the shared matrix too
-    params -= cfg.vocab_size * cfg.hidden_size  # the embedding lookup reads B rows, not the table
+    # Every layer weight and the head matrix are read once per step (tied or not); the embedding
+    # lookup reads only B rows, so the table itself is not counted.
+    params = parameter_breakdown(cfg).non_embedding + cfg.vocab_size * cfg.hidden_size
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * size["B"] * size["L"]
     return (params + kv) * esize
 

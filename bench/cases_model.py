@@ -33,20 +33,21 @@ def _step_factory(backend: str):
             raise Skip("torch.compile baseline runs on CUDA only")
         cfg = _config(size)
         model = Transformer(cfg, backend="torch" if backend == "torch.compile" else backend)
-        model.init_weights() if hasattr(model, "init_weights") else None
         model = model.to(device=device, dtype=dtype)
         B, T = size["B"], size["T"]
         ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
         labels = torch.randint(0, cfg.vocab_size, (B, T), device=device)
         if size["scope"] == "block":
+            from tritium.model.backends import resolve_backend
+            from tritium.model.transformer import _Context
+
             block = model.layers[0]
             x = torch.randn(B, T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
-            positions = torch.arange(T, device=device).expand(B, T)
+            cos, sin = model._rope(torch.device(device))
+            ctx = _Context(resolve_backend(model.backend, torch.device(device)), cos, sin, None, None, T, None)
 
             def step():
-                out = block(x, positions)
-                out = out[0] if isinstance(out, tuple) else out
-                out.float().square().mean().backward()
+                block(x, ctx).float().square().mean().backward()
         else:
             def step():
                 model(ids, labels=labels).backward()

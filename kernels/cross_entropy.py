@@ -234,10 +234,10 @@ def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     device = hidden.device
     loss = torch.empty(n, dtype=torch.float32, device=device)
     lse = torch.empty(n, dtype=torch.float32, device=device)
-    d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
+    d_hidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
     # The weight gradient accumulates in place across chunks (addmm, no V x H temporaries), in the
     # weight's dtype: an fp32 accumulator would cost 2x the weight again at large vocab.
-    d_weight = torch.zeros_like(weight) if grad_weight else weight.new_empty(0)
+    d_weight = weight.new_zeros(weight.shape) if grad_weight else weight.new_empty(0)
     scale = None
     if reduction == "mean" and (grad_hidden or grad_weight):
         # 1 / max(#valid, 1) as a device tensor: no host sync; all-ignored -> zero grads.
@@ -273,8 +273,8 @@ def flce_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     weight = weight.contiguous()
     targets = targets.contiguous()
     grad_rows = grad_rows.float().contiguous()
-    d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
-    d_weight = torch.zeros_like(weight) if grad_weight else weight.new_empty(0)
+    d_hidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
+    d_weight = weight.new_zeros(weight.shape) if grad_weight else weight.new_empty(0)
     chunk = chunk_size or _chunk_rows(n, v, h)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
@@ -327,8 +327,8 @@ def _(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss,
       chunk_size):
     n = hidden.shape[0]
     return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
-            torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if grad_weight else weight.new_empty(0))
+            hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if grad_weight else weight.new_empty(0))
 
 
 @torch.library.custom_op("tritium::flce_bwd", mutates_args=())
@@ -342,8 +342,8 @@ def _flce_bwd_op(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Te
 @_flce_bwd_op.register_fake
 def _(grad_rows, hidden, weight, targets, lse, ignore_index, label_smoothing, z_loss, grad_hidden, grad_weight,
       chunk_size):
-    return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if grad_weight else weight.new_empty(0))
+    return (hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if grad_weight else weight.new_empty(0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,15 +410,21 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             d_hidden, d_weight = _flce_bwd_op(grad_out, hidden, weight, targets, lse, ignore_index,
                                               label_smoothing, z_loss, need_dh, need_dw, chunk_size)
         else:
-            if ctx.grads_consumed:
-                raise RuntimeError("fused_linear_cross_entropy(reduction='mean'/'sum') scales its stored gradients "
-                                   "in place and supports one backward pass; use reduction='none' and reduce "
-                                   "yourself to backpropagate through the same loss twice")
-            ctx.grads_consumed = True
-            d_hidden, d_weight = ctx.saved_tensors
-            # In place: an out-of-place product would hold a second (V, H) weight gradient at the peak.
-            d_hidden = d_hidden.mul_(grad_out.to(d_hidden.dtype)) if need_dh else None
-            d_weight = d_weight.mul_(grad_out.to(d_weight.dtype)) if need_dw else None
+            if torch.compiler.is_compiling():
+                d_hidden, d_weight = ctx.saved_tensors
+                # Traced graphs are functional; the compiler plans the buffers itself.
+                d_hidden = d_hidden * grad_out.to(d_hidden.dtype) if need_dh else None
+                d_weight = d_weight * grad_out.to(d_weight.dtype) if need_dw else None
+            else:
+                if ctx.grads_consumed:
+                    raise RuntimeError("fused_linear_cross_entropy(reduction='mean'/'sum') scales its stored "
+                                       "gradients in place and supports one backward pass; use reduction='none' "
+                                       "and reduce yourself to backpropagate through the same loss twice")
+                ctx.grads_consumed = True
+                d_hidden, d_weight = ctx.saved_tensors
+                # In place: an out-of-place product would hold a second (V, H) weight gradient at the peak.
+                d_hidden = d_hidden.mul_(grad_out.to(d_hidden.dtype)) if need_dh else None
+                d_weight = d_weight.mul_(grad_out.to(d_weight.dtype)) if need_dw else None
         return (d_hidden if need_dh else None, d_weight if need_dw else None,
                 None, None, None, None, None, None)
 

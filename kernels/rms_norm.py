@@ -275,7 +275,7 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x_normed: torch.Tensor, weight: torch.Ten
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, x_normed, weight, rstd, d_new_residual):
-    return torch.empty_like(x_normed), torch.empty_like(weight)
+    return x_normed.new_empty(x_normed.shape), weight.new_empty(weight.shape)
 
 
 # --------------------------------------------------------------------------------------------------
