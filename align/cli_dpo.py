@@ -20,7 +20,7 @@ from typing import Any
 HELP = "preference tuning (DPO / cDPO / IPO / SimPO) on the DeepSpeed loop"
 
 DPO_DEFAULTS: dict[str, Any] = {"out": "runs/dpo", "lr": 2e-4, "max_steps": 100, "micro_batch": 16,
-                                "seq_len": 256, "warmup_steps": 5, "eval_interval": 50, "eval_steps": 8,
+                                "seq_len": 256, "eval_interval": 50, "eval_steps": 8,
                                 "save_interval": 0, "log_interval": 10, "min_lr_ratio": 0.1,
                                 "weight_decay": 0.0}
 
@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO/SimPO flipped-label rate")
     group.add_argument("--gamma", type=float, default=0.5, help="simpo: target reward margin")
     group.add_argument("--length-normalize", action="store_true", help="dpo/ipo: mean instead of summed log-probs")
+    group.add_argument("--sft-weight", type=float, default=0.0,
+                       help="RPO: add this x the chosen reply's mean NLL (anchors its likelihood; e.g. 1.0)")
     group.add_argument("--reference", choices=("cached", "model"), default="cached",
                        help="reference log-probs precomputed and cached (default; ZeRO-3 safe) or a frozen copy")
     group.add_argument("--max-len", type=int, help="drop pairs longer than this (default: --seq-len)")
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     train_cfg.init_from = str(checkpoint)
     beta = args.beta if args.beta is not None else (2.0 if args.loss == "simpo" else 0.1)
     pref = PreferenceConfig(loss=args.loss, beta=beta, label_smoothing=args.label_smoothing, gamma=args.gamma,
-                            length_normalize=args.length_normalize, reference=args.reference,
+                            length_normalize=args.length_normalize, sft_weight=args.sft_weight,
+                            reference=args.reference,
                             max_len=args.max_len or train_cfg.seq_len, seed=args.data_seed)
     if pref.reference == "cached" and not train_cfg.resume:
         # once, in this process, before any rank starts: ranks then only read the cache

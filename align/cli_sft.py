@@ -21,7 +21,7 @@ HELP = "supervised fine-tuning (chat/completion JSONL or the embedded tasks) on 
 
 # TrainConfig values for SFT when the flag is not given (pretraining's defaults suit pretraining)
 SFT_DEFAULTS: dict[str, Any] = {"out": "runs/sft", "lr": 1e-3, "max_steps": 150, "micro_batch": 8,
-                                "seq_len": 256, "warmup_steps": 10, "eval_interval": 50, "eval_steps": 8,
+                                "seq_len": 256, "eval_interval": 50, "eval_steps": 8,
                                 "save_interval": 0, "log_interval": 10, "min_lr_ratio": 0.1,
                                 "weight_decay": 0.0}
 

@@ -13,6 +13,10 @@ reply lengths in tokens, ``s = logsigmoid``.
 * SimPO (Meng et al. 2024), reference-free:  ``z = beta * (pc / |c| - pr / |r|) - gamma``;
   ``loss = -(1 - eps) * s(z) - eps * s(-z)``.
 
+Optional ``sft_weight = alpha`` adds ``alpha * (-pc / |c|)``, the chosen reply's mean NLL (RPO, Pang et al.
+2024; TRL's ``rpo_alpha``): DPO alone often lowers the chosen reply's likelihood along with the
+rejected one ("likelihood displacement"), which costs generation quality; the NLL term anchors it.
+
 Implicit rewards (for metrics): ``beta * (pc - rc)`` and ``beta * (pr - rr)`` for DPO/IPO,
 ``beta * pc / |c|`` and ``beta * pr / |r|`` for SimPO; reward accuracy = fraction of pairs whose chosen
 reward is larger; margin = mean difference.  ``kl`` = mean of ``policy - reference`` log-prob over the
@@ -62,6 +66,7 @@ class PreferenceConfig:
     label_smoothing: float = 0.0  # cDPO / SimPO: assumed fraction of flipped preference labels, in [0, 0.5)
     gamma: float = 0.5  # SimPO: target reward margin
     length_normalize: bool = False  # DPO/IPO: average log-probs over reply tokens instead of summing
+    sft_weight: float = 0.0  # RPO: + sft_weight x mean NLL of the chosen reply (keeps its likelihood up)
     reference: str = "cached"  # "cached": reference log-probs computed once and stored; "model": frozen copy
     max_len: int = 256  # longest prompt+reply in tokens; longer pairs are dropped (counted, one warning)
     seed: int = 0  # shuffles pair order per epoch
@@ -82,6 +87,8 @@ class PreferenceConfig:
                              "only simpo is reference-free")
         if self.loss == "simpo":
             self.reference = "none"  # reference-free: never build or cache one
+        if not self.sft_weight >= 0:
+            raise ValueError(f"PreferenceConfig.sft_weight must be >= 0, got {self.sft_weight!r}")
         if not isinstance(self.max_len, int) or self.max_len < 4:
             raise ValueError(f"PreferenceConfig.max_len must be an integer >= 4, got {self.max_len!r}")
 
@@ -336,7 +343,13 @@ def make_preference_loss(cfg: PreferenceConfig, reference: ReferenceModel | None
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths[:num_pairs], lengths[num_pairs:],
             loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
             length_normalize=cfg.length_normalize)
+        loss = losses.mean()
+        chosen_nll = -(policy_chosen / lengths[:num_pairs].clamp(min=1)).mean()
+        if cfg.sft_weight:
+            loss = loss + cfg.sft_weight * chosen_nll
         metrics: dict[str, Any] = {
+            "preference_loss": losses.detach().mean(),
+            "chosen_nll": chosen_nll.detach(),
             "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean(),
             "reward_chosen": chosen_rewards.mean(),
@@ -347,7 +360,7 @@ def make_preference_loss(cfg: PreferenceConfig, reference: ReferenceModel | None
         }
         if ref_chosen is not None:
             metrics["kl"] = torch.cat([policy_chosen - ref_chosen, policy_rejected - ref_rejected]).detach().mean()
-        return losses.mean(), metrics
+        return loss, metrics
 
     return loss_fn
 

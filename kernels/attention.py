@@ -23,12 +23,14 @@ the group's q heads itself, so the sum happens in registers in a fixed order: th
 deterministic by construction (no atomics), and ``deterministic=True`` costs nothing.
 
 The kernels work on exp2 (scores pre-multiplied by log2(e)); lse is stored in natural-log units
-(flash-attn's convention). Accumulators and row statistics are fp32; outputs are cast back to
+(flash-attn's convention). Accumulators and row statistics are fp32; P and dS are rounded to the
+input dtype before their matmuls (tensor-core inputs), as flash-attn does; outputs are cast back to
 the input dtype. Dropout is not implemented (``dropout_p > 0`` raises NotImplementedError).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -37,7 +39,9 @@ import triton.language as tl
 from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, interpreter_enabled
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# The same constants for use inside kernels (jit code may only read constexpr globals).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 # Fixed small tiles under the interpreter: every program instance is Python + NumPy there,
 # so fewer, larger tiles are faster, but they must stay small enough that the odd test lengths
@@ -218,7 +222,7 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     row_mask = offs_m < seqlen_q
     o_ptrs = O + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask)
@@ -287,7 +291,7 @@ def _attn_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
         else:
             s = qk * score_scale
         # lse = +inf on rows without keys makes p = 0 there.
-        p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+        p = tl.math.exp2(s - lse[:, None] * _LOG2E)
         if MASKED:
             allowed = _allowed(rows, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
                                HAS_LEFT, HAS_RIGHT)
@@ -393,7 +397,7 @@ def _attn_bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
             s = t * softcap_log2
         else:
             s = qk * score_scale
-        p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+        p = tl.math.exp2(s - lse[:, None] * _LOG2E)
         if MASKED:
             allowed = _allowed(rows, cols, seqlen_q, seqlen_k, diag, window_left, window_right,
                                HAS_LEFT, HAS_RIGHT)
@@ -488,6 +492,9 @@ def _bwd_configs() -> list:
 
 def _prune(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    q = named_args.get("Q")
+    if q is not None and q.element_size() == 4:
+        block_d *= 2  # fp32 tiles take twice the shared memory of bf16 ones
     kept = []
     for cfg in configs:
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -497,6 +504,21 @@ def _prune(configs, named_args, **kwargs):
             continue  # 8 warps idle on small tiles
         kept.append(cfg)
     return kept or configs[:1]
+
+
+def autotune_enabled() -> bool:
+    """TRITIUM_AUTOTUNE=0 swaps autotuning for one fixed config per kernel (the GPU test run uses it:
+    autotuning every small test shape would compile dozens of configs for nothing)."""
+    return os.environ.get("TRITIUM_AUTOTUNE", "1") != "0"
+
+
+def fixed_config(block_d: int, element_size: int, backward: bool) -> dict:
+    """A safe, reasonable config without tuning: fits shared memory at every head dim and dtype."""
+    wide = block_d * element_size // 2 >= 256
+    if backward:
+        return {"BLOCK_M": 32 if wide else 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64 if wide else 128, "BLOCK_N": 32 if wide else 64, "num_warps": 4 if wide else 8,
+            "num_stages": 2 if wide else 3}
 
 
 _PRUNE = {"early_config_prune": _prune}
@@ -613,9 +635,13 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, num_seqs, max_seqlen_q, m
         grid = (triton.cdiv(max_seqlen_q, INTERPRET_BLOCK_M), num_heads, num_seqs)
         _attn_fwd_kernel[grid](*args, **meta, IS_VARLEN=is_varlen,
                                BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
-    else:
+    elif autotune_enabled():
         grid = lambda META: (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), num_heads, num_seqs)
         _attn_fwd_tuned[grid](*args, **meta, IS_VARLEN=is_varlen)
+    else:
+        config = fixed_config(meta["BLOCK_D"], q.element_size(), backward=False)
+        grid = (triton.cdiv(max_seqlen_q, config["BLOCK_M"]), num_heads, num_seqs)
+        _attn_fwd_kernel[grid](*args, **meta, **config, IS_VARLEN=is_varlen)
     return out, lse
 
 
@@ -647,12 +673,15 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, num_seqs, m
     dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0)) + common_tail
-    if interpreter_enabled():
-        blocks = {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, INTERPRET_BLOCK_N), num_kv_heads, num_seqs)](
-            *dkdv_args, **meta, **blocks, IS_VARLEN=is_varlen)
-        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, INTERPRET_BLOCK_M), num_heads, num_seqs)](
-            *dq_args, **meta, **blocks, IS_VARLEN=is_varlen)
+    if interpreter_enabled() or not autotune_enabled():
+        if interpreter_enabled():
+            config = {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
+        else:
+            config = fixed_config(meta["BLOCK_D"], q.element_size(), backward=True)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, config["BLOCK_N"]), num_kv_heads, num_seqs)](
+            *dkdv_args, **meta, **config, IS_VARLEN=is_varlen)
+        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, config["BLOCK_M"]), num_heads, num_seqs)](
+            *dq_args, **meta, **config, IS_VARLEN=is_varlen)
     else:
         _attn_bwd_dkdv_tuned[lambda M: (triton.cdiv(max_seqlen_k, M["BLOCK_N"]), num_kv_heads, num_seqs)](
             *dkdv_args, **meta, IS_VARLEN=is_varlen)

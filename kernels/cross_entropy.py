@@ -153,7 +153,7 @@ def _validate_targets(targets: torch.Tensor, v: int, ignore_index: int, device: 
         raise ValueError(f"targets must have shape {tuple(expected_shape)}, got {tuple(targets.shape)}")
     # Out-of-range targets would read out of bounds in the kernel. Checking costs a host sync
     # on GPU, so it is done where it is free (CPU); on GPU the caller owns the range.
-    if targets.device.type != "cuda" and targets.numel():
+    if targets.device.type != "cuda" and targets.numel() and not torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
         if bool(bad.any()):
             value = targets[bad][0].item()
@@ -476,8 +476,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if not can_use_triton(hidden, weight, targets):
         return fused_linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction, label_smoothing,
                                               z_loss)
-    out = FusedLinearCrossEntropyFunction.apply(h2, weight, targets.reshape(-1), ignore_index, reduction,
-                                                label_smoothing, z_loss, chunk_size)
+    flat_targets = targets.reshape(-1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        out = FusedLinearCrossEntropyFunction.apply(h2, weight, flat_targets, ignore_index, reduction,
+                                                    label_smoothing, z_loss, chunk_size)
+    else:
+        # No autograd (eval, no_grad): losses only. needs_input_grad inside Function.apply would
+        # still say True under no_grad and the gradients would be computed for nothing.
+        loss_rows = _flce_fwd_op(h2, weight, flat_targets, ignore_index, reduction, float(label_smoothing),
+                                 float(z_loss), False, False, int(chunk_size or 0))[0]
+        out = _reduce(loss_rows, flat_targets, ignore_index, reduction)
     return out.view(targets.shape) if reduction == "none" else out
 
 

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, interpreter_enabled
 from tritium.kernels.attention import (
+    _LN2,
     LOG2E,
     MAX_HEAD_DIM,
     _allowed,
@@ -33,6 +34,7 @@ from tritium.kernels.attention import (
     _tanh,
     _window,
     attention_ref,
+    autotune_enabled,
 )
 
 INTERPRET_BLOCK_N = 32
@@ -134,7 +136,7 @@ def _decode_split_kernel(
                  mask=row_valid[:, None] & d_mask)
         tl.store(LSE_part + part_row, lse2, mask=row_valid)
     else:
-        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
         tl.store(O + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_mask)
         tl.store(LSE + (b * NUM_KV_HEADS * GROUP + head) * seqlen_q + t, lse, mask=row_valid)
@@ -161,7 +163,7 @@ def _decode_combine_kernel(O_part, LSE_part, O, LSE, stride_ob, stride_ot, strid
                   mask=split_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     total_safe = tl.where(total == 0.0, 1.0, total)
     out = tl.sum(o_s * w[:, None], 0) / total_safe
-    lse = tl.where(total == 0.0, float("inf"), (m_safe + tl.math.log2(total_safe)) * 0.6931471805599453)
+    lse = tl.where(total == 0.0, float("inf"), (m_safe + tl.math.log2(total_safe)) * _LN2)
     tl.store(O + b * stride_ob + t * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
     tl.store(LSE + (b * num_heads + head) * seqlen_q + t, lse)
@@ -174,8 +176,11 @@ def _decode_configs() -> list:
 
 def _prune_decode(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D", 128)
+    q = named_args.get("Q")
+    if q is not None and q.element_size() == 4:
+        block_d *= 2  # fp32 tiles take twice the shared memory of bf16 ones
     kept = [c for c in configs
-            if not (block_d >= 256 and c.kwargs["BLOCK_N"] > 64)
+            if not (block_d >= 256 and (c.kwargs["BLOCK_N"] > 64 or c.num_stages > 3))
             and not (c.num_warps == 8 and c.kwargs["BLOCK_N"] < 64)]
     return kept or configs[:1]
 
@@ -270,8 +275,11 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, num_new, softmax
     grid = (m_blocks, batch * num_kv_heads, num_splits)
     if interpreter_enabled():
         _decode_split_kernel[grid](*args, **meta, BLOCK_N=INTERPRET_BLOCK_N)
-    else:
+    elif autotune_enabled():
         _decode_split_tuned[grid](*args, **meta)
+    else:
+        block_n = 64 if block_d * q.element_size() // 2 < 256 else 32
+        _decode_split_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
     if split:
         _decode_combine_kernel[(num_rows,)](
             o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),

@@ -18,7 +18,7 @@ _EXPORTS = {
     "save_pretrained": "tritium.model.checkpoint",
     "permute_qk_for_hf": "tritium.model.checkpoint",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):

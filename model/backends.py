@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,7 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen):
     # SDPA has no varlen entry point: run each packed document on its own (causal within the
     # document), which is exactly block-diagonal causal attention without an (N, N) mask.
     bounds = cu_seqlens.tolist()
-    outs = [_sdpa(q[None, s:e], k[None, s:e], v[None, s:e])[0] for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    outs = [_sdpa(q[None, s:e], k[None, s:e], v[None, s:e])[0] for s, e in itertools.pairwise(bounds) if e > s]
     return torch.cat(outs) if outs else torch.empty_like(q)
 
 

@@ -45,7 +45,7 @@ def to_hf_name(name: str) -> str:
 
 
 def from_hf_name(name: str) -> str:
-    return name[len("model."):] if name.startswith("model.") else name
+    return name.removeprefix("model.")
 
 
 def permute_qk_for_hf(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -224,11 +224,11 @@ def _read_tensors(directory: Path, device):
             raise CheckpointError(f"shard {path} listed in {INDEX_NAME} does not exist")
         try:
             with safe_open(path, framework="pt", device=str(device)) as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                     yield name, handle.get_tensor(name)
         except CheckpointError:
             raise
-        except Exception as exc:  # safetensors raises its own error types for bad headers/lengths
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own types for bad headers/lengths)
             raise CheckpointError(f"{path} is truncated or not a valid safetensors file: {exc}") from None
 
 
@@ -250,7 +250,7 @@ def _read_legacy(directory: Path):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise CheckpointError(f"legacy weights file {path} does not exist") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (the unpickler's refusals have many types)
             raise CheckpointError(f"{path} could not be read safely (weights_only=True): {exc}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
@@ -270,5 +270,5 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     value = getattr(torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype must be a torch.dtype or a name like 'bfloat16', got {dtype!r}")
+        raise TypeError(f"dtype must be a torch.dtype or a name like 'bfloat16', got {dtype!r}")
     return value

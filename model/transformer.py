@@ -21,14 +21,15 @@ Conventions the rest of tritium relies on:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tritium.model.backends import Ops, parse_backend, resolve_backend, rope_cos_sin
@@ -89,7 +90,7 @@ class Attention(nn.Module):
         if ctx.kv_cache is not None:
             out = ctx.kv_cache.attend(self.layer_idx, q, k, v)
         elif ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary
-            flat = lambda t: t.reshape(B * T, t.shape[2], self.head_dim)  # noqa: E731  (N, H, D)
+            flat = lambda t: t.reshape(B * T, t.shape[2], self.head_dim)  # (N, H, D)
             out = ctx.ops.varlen_attention(flat(q), flat(k), flat(v), ctx.cu_seqlens, ctx.max_seqlen)
         else:
             out = ctx.ops.attention(q, k, v, causal=True)
@@ -160,8 +161,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, *, backend: str | None = None, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = config
-        self.backend = backend or config.backend
-        parse_backend(self.backend)  # fail at construction, not at the first forward
+        self.backend = backend or config.backend  # validated by the setter
         self.gradient_checkpointing = gradient_checkpointing  # recompute each block in backward (saves memory)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
@@ -196,9 +196,26 @@ class Transformer(nn.Module):
         """The (V, H) head matrix (the embedding matrix when tied)."""
         return self.lm_head.get_weight()
 
-    def set_backend(self, backend: str) -> None:
-        parse_backend(backend)
-        self.backend = backend
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, spec: str) -> None:
+        parse_backend(spec)  # fail here, not at the first forward
+        self._backend = spec
+        self._ops: dict[str, Ops] = {}
+
+    def set_backend(self, spec: str) -> None:
+        self.backend = spec
+
+    def ops(self, device: torch.device) -> Ops:
+        """The backend's functions for ``device`` (cached per device type: after one eager call,
+        torch.compile sees a constant lookup, not the resolver's imports)."""
+        ops = self._ops.get(device.type)
+        if ops is None:
+            ops = self._ops[device.type] = resolve_backend(self.backend, device)
+        return ops
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, kv_cache=None,
                 loss_reduction: str = "mean"):
@@ -211,14 +228,14 @@ class Transformer(nn.Module):
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                                  f"{tuple(input_ids.shape)} (labels are pre-shifted targets)")
         hidden = self.forward_hidden(input_ids, position_ids, cu_seqlens, kv_cache)
-        return self.lm_head(hidden, resolve_backend(self.backend, input_ids.device), labels, loss_reduction)
+        return self.lm_head(hidden, self.ops(input_ids.device), labels, loss_reduction)
 
     def forward_hidden(self, input_ids, position_ids=None, cu_seqlens=None, kv_cache=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, H)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        ops = resolve_backend(self.backend, input_ids.device)
+        ops = self.ops(input_ids.device)
         max_seqlen = T
         if cu_seqlens is not None:
             if kv_cache is not None:
@@ -256,7 +273,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | str | None = None, device=None,
-                        backend: str | None = None, config: ModelConfig | None = None) -> "Transformer":
+                        backend: str | None = None, config: ModelConfig | None = None) -> Transformer:
         from tritium.model.checkpoint import load_pretrained
 
         return load_pretrained(directory, dtype=dtype, device=device, backend=backend, config=config)
@@ -295,9 +312,9 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tenso
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor (num_docs + 1,), got "
                          f"{tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
     bounds = cu_seqlens.tolist()  # one host sync; the varlen kernels need max_seqlen as an int anyway
-    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"cu_seqlens must rise from 0 to B*T={total}, got {bounds[:8]}{'...' if len(bounds) > 8 else ''}")
-    return cu_seqlens.to(torch.int32), max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return cu_seqlens.to(torch.int32), max(b - a for a, b in itertools.pairwise(bounds))
 
 
 def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

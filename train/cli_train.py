@@ -5,7 +5,7 @@ Examples::
     tritium train --preset tiny --max-steps 200 --out runs/pretrain                 # 1 process
     tritium train --preset tiny --nproc 2 --zero-stage 3 --max-steps 200 --out runs/pretrain
     tritium train --config run.yaml --resume                                        # continue from latest
-    deepspeed --num_gpus 8 -m tritium.train --preset 1b --zero-stage 3 --out runs/1b
+    deepspeed --num_gpus 8 --module tritium.train --preset 1b --zero-stage 3 --out runs/1b
     torchrun --nproc_per_node 8 -m tritium.train --preset 1b --out runs/1b
 
 The parent process validates the config and prepares the data (tokenizer

@@ -93,7 +93,7 @@ class TrainConfig:
         self.validate()
 
     # ------------------------------------------------------------------ validation
-    def validate(self, world_size: int | None = None) -> "TrainConfig":
+    def validate(self, world_size: int | None = None) -> TrainConfig:
         """Raise ValueError naming the field for anything that cannot run; ``world_size`` adds batch checks."""
         def positive_int(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
@@ -205,7 +205,7 @@ class TrainConfig:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         if not isinstance(data, dict):
             raise ValueError(f"TrainConfig: expected a mapping, got {type(data).__name__}")
         data = dict(data.get("train", data))  # accept {"train": {...}} as written into a run's config.json
@@ -217,20 +217,17 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a YAML (.yaml/.yml) or JSON file of TrainConfig fields, then apply ``overrides``."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {path}")
         text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
+        import yaml
 
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # yaml.YAMLError / JSONDecodeError: say which file
+        try:
+            data = (yaml.safe_load(text) or {}) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
             raise ValueError(f"training config {path} could not be parsed: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"training config {path} must hold a mapping of TrainConfig fields")
@@ -239,7 +236,7 @@ class TrainConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         """The --config file (or defaults) with every command-line flag the user actually gave on top."""
         overrides = {}
         for name in _FLAG_FIELDS:

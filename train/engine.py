@@ -25,8 +25,9 @@ import math
 import os
 import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def init_distributed(cfg: TrainConfig | None = None) -> tuple[int, int, int]:
     if not dist.is_initialized():
         backend = (cfg.comm_backend if cfg is not None else None) or ("nccl" if torch.cuda.is_available() else "gloo")
         deepspeed.init_distributed(dist_backend=backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:
@@ -160,9 +161,13 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if cfg.grad_clip > 0:
         ds["gradient_clipping"] = cfg.grad_clip
     if cfg.offload in ("optimizer", "all"):
-        # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam (AVX) does that fast
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2],
-                                                        "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}}
+        if torch.cuda.is_available():
+            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam (AVX, JIT-built once) is fast
+            ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2],
+                                                            "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay}}
+        else:
+            # everything is on the CPU already: torch's AdamW avoids compiling cpu_adam (minutes) for no gain
+            ds["zero_force_ds_cpu_optimizer"] = False
     if cfg.ds_config:
         ds = deep_merge(ds, load_user_ds_config(cfg.ds_config))
         _check_user_batch(ds, world_size)
@@ -199,7 +204,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based) for cfg.schedule."""
     warmup, total, floor = cfg.warmup, cfg.max_steps, cfg.min_lr_ratio
-    decay_steps = max(1, int(round(cfg.decay_fraction * total)))
+    decay_steps = max(1, round(cfg.decay_fraction * total))
     schedule = cfg.schedule
 
     def multiplier(step: int) -> float:
@@ -251,9 +256,9 @@ def build_model(cfg: TrainConfig, model_config, ds_config: dict[str, Any], *, in
 
     ZeRO-3 fresh init runs under ``deepspeed.zero.Init``: each parameter is
     partitioned as soon as its module is built, so no rank ever holds the whole
-    model. ``init_weights`` then runs with the parameters gathered (rank 0
-    writes, the result is re-partitioned). Loading ``init_from`` builds the
-    model normally and lets ``deepspeed.initialize`` partition it.
+    model; ``Transformer.init_weights`` gathers one module at a time (rank 0
+    writes, ZeRO re-partitions). Loading ``init_from`` builds the model
+    normally and lets ``deepspeed.initialize`` partition it.
     """
     import deepspeed
 
@@ -270,13 +275,12 @@ def build_model(cfg: TrainConfig, model_config, ds_config: dict[str, Any], *, in
     if stage3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = Transformer(model_config, backend=backend, gradient_checkpointing=cfg.gradient_checkpointing)
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-            seed_everything(cfg.seed)
-            model.init_weights()
     else:
         model = Transformer(model_config, backend=backend, gradient_checkpointing=cfg.gradient_checkpointing)
-        seed_everything(cfg.seed)
-        model.init_weights()
+    # Re-initialise from the seed so every ZeRO stage (and device) starts from the same weights whatever
+    # the constructor drew first; under zero.Init, init_weights gathers each module's shards itself.
+    seed_everything(cfg.seed)
+    model.init_weights()
     return model
 
 

@@ -4,9 +4,9 @@ Every way of launching ends in the same rank entry point, ``python -m
 tritium.train`` (``train/__main__.py``):
 
     tritium train --nproc 2 ...                          -> deepspeed --num_gpus 2 --module tritium.train ...
-    deepspeed --num_gpus 2 -m tritium.train ...          (the launcher sets RANK/LOCAL_RANK/WORLD_SIZE)
+    deepspeed --num_gpus 2 --module tritium.train ...    (the launcher sets RANK/LOCAL_RANK/WORLD_SIZE)
     torchrun --nproc_per_node 2 -m tritium.train ...     (same variables)
-    deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 -m tritium.train ...   (multi-node, via ssh/pdsh)
+    deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 --module tritium.train ...   (multi-node, via ssh/pdsh)
 
 Without CUDA the children get ``DS_ACCELERATOR=cpu`` and talk over gloo, so a
 2-rank ZeRO run is a real test on a laptop.  The deepspeed launcher sets

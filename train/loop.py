@@ -21,9 +21,10 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ class LoopState:
                 "best_val_loss": self.best_val_loss}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoopState":
+    def from_dict(cls, data: Mapping[str, Any]) -> LoopState:
         return cls(step=int(data.get("step", 0)), micro_step=int(data.get("micro_step", 0)),
                    tokens=int(data.get("tokens", 0)), best_val_loss=data.get("best_val_loss"))
 
@@ -74,7 +75,7 @@ class _StopFlag:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -115,13 +116,15 @@ class _MicroBatches:
         self.source = source
         self.position = start
         self._iterator: Iterator | None = None
+        self._opened = False
 
     def _open(self) -> Iterator:
         if callable(self.source):
             return iter(self.source(self.position))
-        if self.position and self._iterator is None:
+        if self.position and not self._opened:
             raise ValueError("resuming needs batches as a callable start -> iterator (the data position)")
-        return iter(self.source)
+        self._opened = True
+        return iter(self.source)  # a re-iterable (list) starts a new epoch; a spent iterator ends the run
 
     def next(self) -> Mapping[str, Any]:
         for attempt in range(2):

@@ -40,7 +40,7 @@ GPU_PEAKS: dict[str, tuple[float, float]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_cpu_matmul_flops(size: int = 512, repeats: int = 8) -> float:
     """fp32 matmul FLOP/s on this process's torch threads (best of ``repeats``, after a warm-up)."""
     generator = torch.Generator().manual_seed(0)

@@ -9,13 +9,14 @@
 * nothing -> the embedded corpus, the same way.
 
 It runs once, before the ranks start (``tritium train`` calls it in the
-parent) or on rank 0 with the others waiting (``deepspeed -m tritium.train``).
+parent) or on rank 0 with the others waiting (``deepspeed --module tritium.train``).
 Prepared data and tokenizers are reused when already there (e.g. on resume).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

@@ -16,9 +16,10 @@ Run folder (``cfg.out``)::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from tritium.train.config import TrainConfig
 
@@ -53,13 +54,13 @@ def fit(cfg: TrainConfig, *, make_batches: MakeBatches, loss_fn, model_config=No
     init_from: HF-layout dir to load weights from (default cfg.init_from); model: a ready nn.Module instead.
     tokenizer: saved into final/ next to the weights.
     """
+    import torch.distributed as dist
+
     from tritium.model.sizing import flops_per_token as model_flops_per_token
     from tritium.train.checkpoints import Checkpointer, export_final
     from tritium.train.engine import build_ds_config, build_engine, init_distributed, resolve_model_config
     from tritium.train.loop import LoopState, run
     from tritium.train.metrics import plot_loss, read_metrics
-
-    import torch.distributed as dist
 
     rank, world, _ = init_distributed(cfg)
     cfg.validate(world)
@@ -98,15 +99,15 @@ def fit(cfg: TrainConfig, *, make_batches: MakeBatches, loss_fn, model_config=No
     result = run(engine, lambda start: make_batches(start, rank, world), loss_fn, cfg=cfg, run_dir=run_dir,
                  state=state, checkpointer=checkpointer, make_eval_batches=eval_source, eval_loss_fn=eval_loss_fn,
                  flops_per_token=fpt, client_state=client_state, on_log=on_log)
-    final_dir = None
-    if cfg.export and not result.interrupted:
-        final_dir = export_final(engine, run_dir / "final", tokenizer)
+    exported = cfg.export and not result.interrupted
+    if exported:
+        export_final(engine, run_dir / "final", tokenizer)
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0 and metrics_path.is_file():
         plot_loss(read_metrics(metrics_path), run_dir / "loss.png", title=f"{model_config.name}: loss")
     if dist.is_initialized():
         dist.barrier()
-    return RunResult(run_dir=run_dir, final_dir=run_dir / "final" if cfg.export and not result.interrupted else None,
+    return RunResult(run_dir=run_dir, final_dir=run_dir / "final" if exported else None,
                      steps=result.state.step, last_loss=result.last_loss, interrupted=result.interrupted,
                      history=result.history, metrics_path=metrics_path, world_size=world, resumed_from=resumed_from)
 

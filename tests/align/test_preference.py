@@ -167,3 +167,16 @@ def test_cached_reference_logps_equal_the_frozen_model(char_tokenizer, pairs):
     assert abs(float(m_cached["kl"])) < 1e-4
     with pytest.raises(ValueError, match="reference"):
         make_preference_loss(cfg)(policy, batch_plain)
+
+
+def test_sft_weight_adds_the_chosen_mean_nll(char_tokenizer, pairs):
+    _, tokenized = pairs
+    policy = tiny_policy(char_tokenizer.vocab_size, seed=5)
+    batch = collate_pairs(tokenized, pad_id=0, reference_logps=compute_reference_logps(policy, tokenized, 0))
+    plain, _ = make_preference_loss(PreferenceConfig(loss="dpo"))(policy, batch)
+    anchored, metrics = make_preference_loss(PreferenceConfig(loss="dpo", sft_weight=0.5))(policy, batch)
+    logps, lengths = sequence_logps(policy, batch)
+    n = len(tokenized)
+    expected_nll = (-(logps[:n] / lengths[:n])).mean()
+    assert anchored.item() == pytest.approx(plain.item() + 0.5 * expected_nll.item(), rel=1e-5)
+    assert float(metrics["chosen_nll"]) == pytest.approx(expected_nll.item(), rel=1e-5)

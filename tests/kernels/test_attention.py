@@ -17,6 +17,12 @@ from tritium.kernels.attention import (
     varlen_attention_ref,
 )
 
+@pytest.fixture(autouse=True)
+def _fixed_kernel_configs(monkeypatch):
+    # On a GPU, one fixed config per kernel: autotuning every small test shape only costs compile time.
+    monkeypatch.setenv("TRITIUM_AUTOTUNE", "0")
+
+
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -247,11 +253,25 @@ def test_custom_op_registration(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_traces_under_torch_compile(device):
+    # aot_eager: dynamo + AOTAutograd trace the custom ops (no C++/GPU codegen needed on CPU).
+    q, k, v = make_qkv(1, 20, 20, 4, 2, 32, torch.float32, device, seed=18)
+    compiled = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True).square().sum(),
+                             backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_loss = flash_attn_func(q, k, v, causal=True).square().sum()
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    torch.testing.assert_close(loss, ref_loss)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.gpu
 def test_torch_compile_on_gpu(device):
     q, k, v = make_qkv(2, 128, 128, 8, 2, 64, torch.float16, device, seed=17)
     compiled = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True).float().square().sum(),
-                             fullgraph=False)
+                             fullgraph=True)
     loss = compiled(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
     ref_loss = flash_attn_func(q, k, v, causal=True).float().square().sum()

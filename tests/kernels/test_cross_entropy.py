@@ -245,3 +245,31 @@ def test_flce_peak_memory_cuda(device):
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() - base
     assert peaks["fused"] <= 0.25 * peaks["unfused"], peaks
+
+
+def test_cross_entropy_falls_back_to_reference_without_triton(monkeypatch, device):
+    monkeypatch.setattr(ce_mod, "can_use_triton", lambda *tensors: False)
+    monkeypatch.setattr(ce_mod, "FusedLinearCrossEntropyFunction", None)  # kernel use would fail loudly
+    monkeypatch.setattr(ce_mod, "CrossEntropyFunction", None)
+    hidden, weight, targets = _data(device, torch.float32, seed=15)
+    torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1),
+                               F.cross_entropy(hidden @ weight.t(), targets, label_smoothing=0.1))
+    torch.testing.assert_close(cross_entropy(hidden @ weight.t(), targets, reduction="sum"),
+                               F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"))
+
+
+def test_flce_without_autograd_computes_no_gradients(monkeypatch, device):
+    hidden, weight, targets = _data(device, torch.float32, seed=16)
+    hidden.requires_grad_()
+    seen = []
+    original = ce_mod.flce_fwd
+
+    def spy(*args):
+        seen.append(args[7:9])  # (grad_hidden, grad_weight)
+        return original(*args)
+
+    monkeypatch.setattr(ce_mod, "flce_fwd", spy)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, targets, reduction="none")
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.t(), targets, reduction="none"))
+    assert seen == [(False, False)]

@@ -10,6 +10,12 @@ import torch
 from tritium.kernels.attention import flash_attn_func
 from tritium.kernels.decode import flash_attn_with_kvcache, kvcache_attention_ref, num_splits_heuristic
 
+@pytest.fixture(autouse=True)
+def _fixed_kernel_configs(monkeypatch):
+    # On a GPU, one fixed config per kernel: autotuning every small test shape only costs compile time.
+    monkeypatch.setenv("TRITIUM_AUTOTUNE", "0")
+
+
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -161,3 +167,20 @@ def test_custom_op_declares_cache_mutation(device):
     torch.library.opcheck(torch.ops.tritium.flash_attn_with_kvcache.default,
                           (q, k_cache, v_cache, new, new.clone(), seqlens, None, None, True, -1, -1, 0.0, 1),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_traces_under_torch_compile(device):
+    # The in-place cache append must survive functionalization: the compiled call updates the cache.
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache, _ = make_cache(1, 64, 2, 32, torch.float32, device, None, gen)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    q = torch.randn(1, 1, 4, 32, generator=gen).to(device)
+    k_new = torch.randn(1, 1, 2, 32, generator=gen).to(device)
+    v_new = torch.randn(1, 1, 2, 32, generator=gen).to(device)
+    seqlens = torch.tensor([10], dtype=torch.int32, device=device)
+    step = torch.compile(lambda *args: flash_attn_with_kvcache(*args, cache_seqlens=seqlens),
+                         backend="aot_eager", fullgraph=True)
+    out = step(q, k_cache, v_cache, k_new, v_new)
+    ref = flash_attn_with_kvcache(q, ref_k, ref_v, k_new, v_new, cache_seqlens=seqlens)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)

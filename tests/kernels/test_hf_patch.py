@@ -112,7 +112,15 @@ def test_patch_rejects_unsupported_architectures():
 
 
 def test_import_tritium_kernels_stays_light():
-    code = ("import sys, tritium.kernels as k; k.rms_norm; "
+    code = ("import sys, tritium.kernels as k; k.fused_linear_cross_entropy, k.apply_rope, k.RMSNorm; "
             "assert 'transformers' not in sys.modules, 'transformers imported'; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_package_exports_resolve_to_functions():
+    import tritium.kernels as k
+    from tritium.kernels.rms_norm import rms_norm  # its name is the submodule's, see __init__
+    assert callable(k.fused_linear_cross_entropy) and callable(k.apply_rope) and callable(k.swiglu_mlp)
+    import tritium.kernels.rms_norm as rms_module  # must stay the module whatever was imported before
+    assert rms_module.rms_norm is rms_norm

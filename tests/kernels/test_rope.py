@@ -170,3 +170,12 @@ def test_rope_under_torch_compile(device):
     torch.testing.assert_close(out_k, ref_k)
     (out_q.float().sum() + out_k.float().sum()).backward()
     assert q.grad is not None and k.grad is not None
+
+
+def test_rope_falls_back_to_reference_without_triton(monkeypatch, device):
+    monkeypatch.setattr(rope_mod, "can_use_triton", lambda *tensors: False)
+    monkeypatch.setattr(rope_mod, "RoPEFunction", None)  # any kernel use would fail loudly
+    q, k = torch.randn(2, 3, 2, 8, device=device), torch.randn(2, 3, 1, 8, device=device)
+    cos, sin = rope_cos_sin(6, 8, device=device)
+    for got, want in zip(apply_rope(q, k, cos, sin), apply_rope_ref(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)

@@ -111,3 +111,17 @@ def test_swiglu_mlp_under_torch_compile(device):
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert x.grad is not None
+
+
+def test_swiglu_falls_back_to_reference_without_triton(monkeypatch, device):
+    monkeypatch.setattr(swiglu_mod, "can_use_triton", lambda *tensors: False)
+    monkeypatch.setattr(swiglu_mod, "_swiglu_fwd_op", None)  # any kernel use would fail loudly
+    monkeypatch.setattr(swiglu_mod, "_swiglu_bwd_op", None)
+    gen = torch.Generator().manual_seed(9)
+    g, u = torch.randn(4, 33, generator=gen).to(device), torch.randn(4, 33, generator=gen).to(device)
+    torch.testing.assert_close(swiglu(g, u), swiglu_ref(g, u))
+    x = torch.randn(3, 8, generator=gen).to(device)
+    w_gu, w_d = torch.randn(12, 8, generator=gen).to(device), torch.randn(8, 6, generator=gen).to(device)
+    # The recomputing autograd path still works on the PyTorch activation.
+    _grad_check(swiglu_mlp, swiglu_mlp_ref, [x, w_gu, None, w_d], torch.float32, ["dx", "dw_gate_up", "dw_down"],
+                seed=10)

@@ -82,7 +82,7 @@ def _assert_close_to_reference(got, ref):
     torch.testing.assert_close(nll, ref[2], atol=1e-4, rtol=1e-4)
     for name, grad in ref[3].items():
         scale = grad.abs().max().item()
-        torch.testing.assert_close(grads[name], grad, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], grad, atol=1e-4 * scale + 1e-7, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tritium.model.checkpoint import (CheckpointError, parse_size, permute_qk_for_hf, save_pretrained,
-                                      unpermute_qk_from_hf)
+from tritium.model.checkpoint import (
+    CheckpointError,
+    parse_size,
+    permute_qk_for_hf,
+    save_pretrained,
+    unpermute_qk_from_hf,
+)
 from tritium.model.config import ModelConfig
 from tritium.model.transformer import Transformer
 
@@ -21,7 +26,7 @@ def _one_torch_thread():
 
 
 def tiny(**overrides):
-    dials = dict(num_layers=2, max_seq_len=64)
+    dials = {"num_layers": 2, "max_seq_len": 64}
     dials.update(overrides)
     return ModelConfig.from_name("tiny", **dials)
 

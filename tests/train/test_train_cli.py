@@ -32,7 +32,7 @@ def _env() -> dict[str, str]:
 
 def _tritium(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tritium.cli", "train", *args], env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -1,8 +1,9 @@
 """ZeRO-1/2/3 on 2 CPU ranks (gloo) give the losses of a 1-rank run over the same global batch.
 
 One spawn per world size keeps the cost down (importing deepspeed is slow):
-the 2-rank group trains three engines in turn (stage 1, 2 with gradient
-accumulation, 3 with the tied LM head gathered for the fused loss), the
+the 2-rank group trains four engines in turn (stage 1, 2 with gradient
+accumulation, 3 with the tied LM head gathered for the fused loss, 3 with
+optimizer states and parameters offloaded to the CPU), the
 1-rank group trains the ZeRO-0 reference with accumulation, and a plain
 PyTorch AdamW loop (no DeepSpeed) checks that reference independently.
 """
@@ -20,8 +21,10 @@ GLOBAL_BATCH = 8
 SEQ_LEN = 16
 STEPS = 4
 VOCAB = 256
-# (zero stage, micro batch, grad accum) per world size; every layout covers GLOBAL_BATCH sequences per step
-LAYOUTS = {1: [(0, 4, 2)], 2: [(1, 4, 1), (2, 2, 2), (3, 4, 1)]}
+# (name, zero stage, micro batch, grad accum, offload) per world size; each covers GLOBAL_BATCH sequences per step
+LAYOUTS = {1: [("zero0", 0, 4, 2, "none")],
+           2: [("zero1", 1, 4, 1, "none"), ("zero2", 2, 2, 2, "none"), ("zero3", 3, 4, 1, "none"),
+               ("zero3-offload", 3, 4, 1, "all")]}
 MODEL = dict(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden=80,
              vocab_size=VOCAB, max_seq_len=32, tie_embeddings=True)
 
@@ -32,13 +35,13 @@ def _tokens() -> torch.Tensor:
     return torch.randint(0, 32, (STEPS * GLOBAL_BATCH, SEQ_LEN + 1), generator=generator)
 
 
-def _train_config(stage: int, micro: int, accum: int, out: str):
+def _train_config(stage: int, micro: int, accum: int, out: str, offload: str = "none"):
     from tritium.train.config import TrainConfig
 
     return TrainConfig(preset="tiny", model=MODEL, backend="torch", seq_len=SEQ_LEN, micro_batch=micro,
                        grad_accum=accum, max_steps=STEPS, lr=3e-3, warmup_steps=1, schedule="cosine",
-                       weight_decay=0.1, grad_clip=1.0, zero_stage=stage, precision="fp32", out=out, seed=7,
-                       log_interval=1, eval_interval=0, save_interval=0, progress=False, export=False)
+                       weight_decay=0.1, grad_clip=1.0, zero_stage=stage, offload=offload, precision="fp32",
+                       out=out, seed=7, log_interval=1, eval_interval=0, save_interval=0, progress=False, export=False)
 
 
 def _micro_batches(tokens: torch.Tensor, rank: int, world: int, micro: int, accum: int):
@@ -66,15 +69,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     tokens = _tokens()
     results = {}
-    for stage, micro, accum in LAYOUTS[world]:
-        cfg = _train_config(stage, micro, accum, os.path.join(out_dir, f"w{world}_z{stage}"))
+    for name, stage, micro, accum, offload in LAYOUTS[world]:
+        cfg = _train_config(stage, micro, accum, os.path.join(out_dir, f"w{world}_{name}"), offload)
         init_distributed(cfg)
         model_cfg = resolve_model_config(cfg)
         assert isinstance(model_cfg, ModelConfig)
         engine = build_engine(cfg, model_cfg, world_size=world)
         result = run(engine, _micro_batches(tokens, rank, world, micro, accum), next_token_loss, cfg=cfg)
         if rank == 0:
-            results[f"zero{stage}"] = {"loss": [r["loss"] for r in result.history],
+            results[name] = {"loss": [r["loss"] for r in result.history],
                                        "grad_norm": [r["grad_norm"] for r in result.history],
                                        "lr": [r["lr"] for r in result.history]}
         del engine
@@ -132,10 +135,10 @@ def test_zero_stages_on_two_ranks_match_one_rank(tmp_path):
     # the 1-rank DeepSpeed run (ZeRO-0, accumulation 2) equals plain PyTorch over the full batch
     torch.testing.assert_close(torch.tensor(one["loss"]), torch.tensor(reference), rtol=1e-4, atol=1e-5)
     assert one["loss"][-1] < one["loss"][0], "the tiny model should learn the repeated batches"
-    for stage in (1, 2, 3):
-        run = two[f"zero{stage}"]
+    for name in ("zero1", "zero2", "zero3", "zero3-offload"):
+        run = two[name]
         torch.testing.assert_close(torch.tensor(run["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-5,
-                                   msg=lambda m: f"ZeRO-{stage} on 2 ranks vs 1 rank: {m}")
+                                   msg=lambda m, name=name: f"{name} on 2 ranks vs 1 rank: {m}")
         torch.testing.assert_close(torch.tensor(run["grad_norm"]), torch.tensor(one["grad_norm"]), rtol=1e-3,
-                                   atol=1e-5, msg=lambda m: f"ZeRO-{stage} grad norms: {m}")
+                                   atol=1e-5, msg=lambda m, name=name: f"{name} grad norms: {m}")
         assert run["lr"] == pytest.approx(one["lr"])
