@@ -19,7 +19,7 @@ from typing import Any
 
 HELP = "preference tuning (DPO / cDPO / IPO / SimPO) on the DeepSpeed loop"
 
-DPO_DEFAULTS: dict[str, Any] = {"out": "runs/dpo", "lr": 2e-4, "max_steps": 100, "micro_batch": 16,
+DPO_DEFAULTS: dict[str, Any] = {"out": "runs/dpo", "lr": 5e-5, "max_steps": 100, "micro_batch": 16,
                                 "seq_len": 256, "eval_interval": 50, "eval_steps": 8,
                                 "save_interval": 0, "log_interval": 10, "min_lr_ratio": 0.1,
                                 "weight_decay": 0.0}

@@ -19,7 +19,8 @@ HELP = "compare checkpoints: held-out exact match, stop-at-end-of-turn, preferen
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more model dirs (HF layout + "
                                                                         "tokenizer.model)")
-    parser.add_argument("--labels", nargs="+", help="names for the table (default: runs/NAME/final -> NAME)")
+    parser.add_argument("--labels", nargs="+", help="names for the table, space- or comma-separated "
+                                                     "(default: runs/NAME/final -> NAME)")
     parser.add_argument("--out", default="runs/align_eval", help="folder for align_eval.json and align_eval.png")
     parser.add_argument("--data", help="prompt/completion JSONL to score by exact match (default: embedded tasks)")
     parser.add_argument("--pairs", help="preference JSONL for pref accuracy (default: embedded task pairs)")
@@ -29,7 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=int, default=400, help="prompts scored per checkpoint")
     parser.add_argument("--max-pairs", type=int, default=400, help="preference pairs scored per checkpoint")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--reference", help="reference checkpoint (the SFT model) for DPO's implicit-reward "
+                                            "accuracy on the held-out pairs")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _split_labels(labels: list[str] | None) -> list[str] | None:
+    if not labels:
+        return None
+    return [part.strip() for label in labels for part in label.split(",") if part.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         splits = splits or make_splits(seed=args.data_seed, per_task=args.per_task)
         pairs = preference_pairs(splits[args.split], seed=args.data_seed + 7)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = evaluate_checkpoints(args.checkpoint, examples, pairs, cfg, labels=args.labels, device=device)
+    rows = evaluate_checkpoints(args.checkpoint, examples, pairs, cfg, labels=_split_labels(args.labels), device=device,
+                                reference=args.reference)
     console = Console(width=None if Console().is_terminal else 150)
     console.print(render_table(rows))
     for row in rows:
@@ -65,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[dim]{row['label']}: {sample['prompt']!r} -> {sample['reply']!r} "
                           f"(answer {sample['answer']!r}, stopped={sample['stopped']})[/dim]")
     paths = write_report(rows, args.out)
-    console.print(f"wrote {paths['json']} and {paths['png']}")
+    console.print(f"wrote {paths['json']}, {paths['markdown']} and {paths['png']}")
     return 0

@@ -139,7 +139,7 @@ def parse_preference_record(obj: Any) -> PreferencePair:
         return PreferencePair(prompt_messages, _as_reply(chosen, "chosen"), _as_reply(rejected, "rejected"))
     # whole conversations: the shared prefix is the prompt
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise ValueError("without 'prompt', 'chosen' and 'rejected' must be whole conversations (lists)")
+        raise TypeError("without 'prompt', 'chosen' and 'rejected' must be whole conversations (lists)")
     chosen_messages, rejected_messages = validate_messages(chosen), validate_messages(rejected)
     if chosen_messages[:-1] != rejected_messages[:-1] or not chosen_messages[:-1]:
         raise ValueError("'chosen' and 'rejected' conversations must share every message but the last")

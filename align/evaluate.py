@@ -8,6 +8,9 @@ Per checkpoint, on the embedded tasks' test split (prompts never trained on):
   the chosen reply a higher summed log-prob than the rejected one, and the mean gap
   ``log p(chosen) - log p(rejected)`` in nats.  Raw log-probs, no reference: every checkpoint is scored
   the same way, so the pretrained, SFT and DPO numbers are comparable.
+* with ``--reference CKPT`` (the SFT model): ``reward_accuracy_vs_ref`` / ``reward_margin_vs_ref`` -- DPO's
+  own held-out metric, the fraction of pairs whose log-ratio to the reference rose more for the chosen
+  reply than for the rejected one (0 for the reference itself).
 
 Greedy decoding here is a deliberately plain loop (full forward per new token, right padding): short
 replies on a tiny model, and ``align`` does not depend on ``serve``.  The output is one rich table, a
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 from tritium.align.data import PreferencePair
-from tritium.align.preference import collate_pairs, sequence_logps, tokenize_pairs
+from tritium.align.preference import compute_reference_logps, tokenize_pairs
 from tritium.align.tasks import TaskExample
 from tritium.model.chat import encode_prompt, stop_token_ids
 
@@ -55,7 +58,7 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], ma
     sequences = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
-    stops = set(int(s) for s in stop_ids)
+    stops = {int(s) for s in stop_ids}
     for _ in range(max_new_tokens):
         active = [i for i, done in enumerate(stopped) if not done and len(sequences[i]) < max_len]
         if not active:
@@ -108,30 +111,45 @@ def score_tasks(model: torch.nn.Module, tokenizer: Any, examples: Sequence[TaskE
 
 
 @torch.no_grad()
-def score_preferences(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair], cfg: EvalConfig
-                      ) -> dict[str, Any]:
+def pair_logps(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[PreferencePair], cfg: EvalConfig
+               ) -> torch.Tensor:
+    """(num_pairs, 2) summed reply log-probs [chosen, rejected] under ``model``."""
     tokenized, _ = tokenize_pairs(tokenizer, list(pairs)[:cfg.max_pairs], model.config.max_seq_len, warn=False)
-    device = next(model.parameters()).device
+    if not tokenized:
+        return torch.zeros(0, 2)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else 0
-    gaps = []
-    for start in range(0, len(tokenized), cfg.batch_size):
-        chunk = tokenized[start:start + cfg.batch_size]
-        batch = collate_pairs(chunk, pad_id)
-        logps, _ = sequence_logps(model, {k: batch[k].to(device) for k in ("input_ids", "labels")})
-        gaps.append(logps[:len(chunk)] - logps[len(chunk):])
-    gap = torch.cat(gaps) if gaps else torch.zeros(0)
-    return {"pref_accuracy": (gap > 0).float().mean().item() if gap.numel() else float("nan"),
-            "pref_margin": gap.mean().item() if gap.numel() else float("nan"), "num_pairs": int(gap.numel())}
+    return compute_reference_logps(model, tokenized, pad_id, cfg.batch_size)[[p.index for p in tokenized]]
+
+
+def score_preferences(logps: torch.Tensor, reference_logps: torch.Tensor | None = None) -> dict[str, Any]:
+    """Preference accuracy/margin from raw log-probs; with a reference, also the implicit-reward ones."""
+    if logps.numel() == 0:
+        return {"pref_accuracy": float("nan"), "pref_margin": float("nan"), "num_pairs": 0}
+    gap = logps[:, 0] - logps[:, 1]
+    result = {"pref_accuracy": (gap > 0).float().mean().item(), "pref_margin": gap.mean().item(),
+              "num_pairs": int(gap.numel())}
+    if reference_logps is not None:
+        if reference_logps.shape != logps.shape:
+            raise ValueError(f"reference scored {reference_logps.shape[0]} pairs but the checkpoint {logps.shape[0]}: "
+                             "the reference must share the checkpoint's tokenizer")
+        # DPO's implicit reward: did the checkpoint move log p(chosen) up relative to log p(rejected),
+        # compared with the reference? (0 / 0 for the reference itself)
+        ratio = logps - reference_logps
+        implicit = ratio[:, 0] - ratio[:, 1]
+        result["reward_accuracy_vs_ref"] = (implicit > 0).float().mean().item()
+        result["reward_margin_vs_ref"] = implicit.mean().item()
+    return result
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, examples: Sequence[TaskExample],
-                   pairs: Sequence[PreferencePair], cfg: EvalConfig | None = None) -> dict[str, Any]:
+                   pairs: Sequence[PreferencePair], cfg: EvalConfig | None = None,
+                   reference_logps: torch.Tensor | None = None) -> dict[str, Any]:
     cfg = cfg or EvalConfig()
     was_training = model.training
     model.eval()
     try:
         result = score_tasks(model, tokenizer, examples, cfg)
-        result.update(score_preferences(model, tokenizer, pairs, cfg))
+        result.update(score_preferences(pair_logps(model, tokenizer, pairs, cfg), reference_logps))
     finally:
         model.train(was_training)
     return result
@@ -139,14 +157,25 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Ta
 
 def evaluate_checkpoints(checkpoints: Sequence[str | Path], examples: Sequence[TaskExample],
                          pairs: Sequence[PreferencePair], cfg: EvalConfig | None = None,
-                         labels: Sequence[str] | None = None, device: str = "cpu") -> list[dict[str, Any]]:
-    """One result dict per checkpoint directory (HF layout + tokenizer.model)."""
+                         labels: Sequence[str] | None = None, device: str = "cpu",
+                         reference: str | Path | None = None) -> list[dict[str, Any]]:
+    """One result dict per checkpoint directory (HF layout + tokenizer.model).
+
+    ``reference`` (e.g. the SFT checkpoint) adds ``reward_accuracy_vs_ref``/``reward_margin_vs_ref``:
+    DPO's implicit-reward accuracy on the held-out pairs.
+    """
     from tritium.model.tokenizer import Tokenizer
     from tritium.model.transformer import Transformer
 
     labels = list(labels) if labels else [_label(c) for c in checkpoints]
     if len(labels) != len(checkpoints):
         raise ValueError(f"--labels has {len(labels)} names for {len(checkpoints)} checkpoints")
+    cfg = cfg or EvalConfig()
+    reference_logps = None
+    if reference is not None:
+        ref_model = Transformer.from_pretrained(reference, device=device, dtype=torch.float32)
+        reference_logps = pair_logps(ref_model, Tokenizer.load(reference), pairs, cfg)
+        del ref_model
     rows = []
     for label, checkpoint in zip(labels, checkpoints):
         checkpoint = Path(checkpoint)
@@ -154,7 +183,7 @@ def evaluate_checkpoints(checkpoints: Sequence[str | Path], examples: Sequence[T
             raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
         tokenizer = Tokenizer.load(checkpoint)
         model = Transformer.from_pretrained(checkpoint, device=device, dtype=torch.float32)
-        result = evaluate_model(model, tokenizer, examples, pairs, cfg)
+        result = evaluate_model(model, tokenizer, examples, pairs, cfg, reference_logps)
         rows.append({"label": label, "checkpoint": str(checkpoint), **result})
         del model
     return rows
@@ -174,25 +203,52 @@ def render_table(rows: Sequence[dict[str, Any]]):
     table.add_column("checkpoint")
     for name in ("exact match", "format", "pref acc", "pref margin (nats)"):
         table.add_column(name, justify="right")
+    with_ref = any("reward_accuracy_vs_ref" in row for row in rows)
+    if with_ref:
+        table.add_column("reward acc vs ref", justify="right")
+        table.add_column("reward margin vs ref", justify="right")
     tasks = sorted({task for row in rows for task in row.get("per_task", {})})
     for task in tasks:
         table.add_column(f"EM {task}", justify="right")
     for row in rows:
         table.add_row(row["label"], f"{row['exact_match']:.1%}", f"{row['format']:.1%}",
                       f"{row['pref_accuracy']:.1%}", f"{row['pref_margin']:+.2f}",
+                      *([f"{row['reward_accuracy_vs_ref']:.1%}", f"{row['reward_margin_vs_ref']:+.2f}"]
+                        if with_ref else []),
                       *[f"{row['per_task'].get(task, float('nan')):.0%}" for task in tasks])
     return table
 
 
 def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """``align_eval.json`` and ``align_eval.png`` in ``out_dir``."""
+    """``align_eval.json``, ``table.md`` and ``align_eval.png`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "align_eval.json"
     json_path.write_text(json.dumps(list(rows), indent=2) + "\n")
+    markdown_path = out / "table.md"
+    markdown_path.write_text(markdown_table(rows))
     png_path = out / "align_eval.png"
     plot(rows, png_path)
-    return {"json": json_path, "png": png_path}
+    return {"json": json_path, "markdown": markdown_path, "png": png_path}
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The table as Markdown (for reports)."""
+    with_ref = any("reward_accuracy_vs_ref" in row for row in rows)
+    tasks = sorted({task for row in rows for task in row.get("per_task", {})})
+    header = ["checkpoint", "exact match", "stops at <\\|end\\|>", "pref accuracy", "pref margin (nats)"]
+    header += ["reward acc vs ref", "reward margin vs ref"] if with_ref else []
+    header += [f"EM {task}" for task in tasks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["label"], f"{row['exact_match']:.1%}", f"{row['format']:.1%}", f"{row['pref_accuracy']:.1%}",
+                 f"{row['pref_margin']:+.2f}"]
+        if with_ref:
+            cells += [f"{row.get('reward_accuracy_vs_ref', float('nan')):.1%}",
+                      f"{row.get('reward_margin_vs_ref', float('nan')):+.2f}"]
+        cells += [f"{row['per_task'].get(task, float('nan')):.0%}" for task in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:

@@ -241,12 +241,12 @@ class ReferenceModel:
         self.model.requires_grad_(False)
 
     @classmethod
-    def copy_of(cls, model: torch.nn.Module) -> "ReferenceModel":
+    def copy_of(cls, model: torch.nn.Module) -> ReferenceModel:
         return cls(copy.deepcopy(model))
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "ReferenceModel":
+                        dtype: torch.dtype | None = None) -> ReferenceModel:
         from tritium.model.transformer import Transformer
 
         return cls(Transformer.from_pretrained(checkpoint, dtype=dtype, device=device))
@@ -437,7 +437,7 @@ def train_preference(train_cfg: Any, cfg: PreferenceConfig, checkpoint: str, dat
 class _LazyReference(ReferenceModel):
     """A frozen copy loaded from the checkpoint on first use, on the device of the first batch."""
 
-    def __init__(self, checkpoint: str | Path) -> None:  # noqa: D107 - no model until the first batch
+    def __init__(self, checkpoint: str | Path) -> None:
         self.checkpoint, self.model = checkpoint, None
 
     @torch.no_grad()

@@ -167,3 +167,4 @@ def preference_pairs(examples: Sequence[TaskExample], seed: int = 0, rambling_fr
 
 def sft_conversations(examples: Sequence[TaskExample]) -> list[list[dict[str, str]]]:
     return [example.messages() for example in examples]
+

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Prompts in the embedded tasks' formats (align/tasks.py), so the aligned model's answers can be checked by eye.
+_DEMO_PROMPTS = ("add: 12 + 7", "reverse: c a t", "sort: 5 2 8")
+
 HELP = "run the whole lifecycle (before, during, alignment, after) on the embedded default"
 
 
@@ -53,6 +56,20 @@ class Demo:
         return proc
 
 
+def _save_untrained(out: Path) -> None:
+    """The tiny model as initialised, saved like any checkpoint so `tritium generate` can sample it."""
+    import torch
+
+    from tritium.model.config import ModelConfig
+    from tritium.model.tokenizer import Tokenizer
+    from tritium.model.transformer import Transformer
+
+    print("\n(python) Transformer(ModelConfig.from_name('tiny')).save_pretrained(RUN/untrained)")
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_name("tiny")).save_pretrained(out / "untrained")
+    Tokenizer.load(out / "tokenizer").save(out / "untrained")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -74,33 +91,47 @@ def run(args: argparse.Namespace) -> int:
     demo = Demo(out=out, quick=args.quick, nproc=nproc)
     started = time.time()
     q = args.quick
-    steps = {"pretrain": 40 if q else 600, "sft": 30 if q else 300, "dpo": 10 if q else 80}
+    steps = {"pretrain": 30 if q else 300, "sft": 40 if q else 300, "dpo": 8 if q else 100}
+    # The quick form draws fewer task prompts (same per-task in sft, dpo and eval keeps the splits aligned).
+    tasks = ["--per-task", "150"] if q else []
 
     print("\n=== 1. Before: the dials fix the shape, the tokenizer fixes the vocabulary ===")
     for preset in ("tiny", "seed-7b", "llama2-7b"):
         demo.tritium("describe", "--preset", preset, "--gpus", "8", title=f"size the {preset} preset")
-    demo.tritium("tokenizer", "train", "--vocab-size", "2048", "--out", out / "tokenizer",
-                 *(["--max-mb", "2"] if q else []), title="train a sentencepiece BPE tokenizer on the embedded corpus")
-    demo.tritium("data", "prepare", "--tokenizer", out / "tokenizer", "--out", out / "data",
-                 *(["--max-mb", "2"] if q else []), title="tokenize the embedded corpus into shards")
+    corpus = ["--max-bytes", "1000000"] if q else []
+    demo.tritium("tokenizer", "train", "--vocab-size", "2048", "--out", out / "tokenizer", *corpus,
+                 title="train a sentencepiece BPE tokenizer on the embedded corpus")
+    demo.tritium("data", "prepare", "--tokenizer", out / "tokenizer", "--out", out / "data", *corpus,
+                 title="tokenize the embedded corpus into shards")
 
     print("\n=== 2. During: pretraining on DeepSpeed ZeRO ===")
+    _save_untrained(out)
+    sample = ["--max-tokens", "40", "--temperature", "0.8", "--seed", "0", "def "]
+    demo.tritium("generate", "--checkpoint", out / "untrained", *sample,
+                 title="a sample from the untrained model: gibberish")
     demo.tritium("train", "--preset", "tiny", "--nproc", nproc, "--zero-stage", "2", "--data", out / "data",
-                 "--max-steps", steps["pretrain"], "--out", out / "pretrain", "--save-init-sample",
+                 "--tokenizer", out / "tokenizer",
+                 "--max-steps", steps["pretrain"], "--eval-interval", steps["pretrain"] // 4,
+                 "--save-interval", 0, "--out", out / "pretrain",
                  title=f"pretrain the tiny model, {nproc} ranks, ZeRO-2")
+    demo.tritium("generate", "--checkpoint", out / "pretrain" / "final", *sample,
+                 title="the same prompt after pretraining")
 
     print("\n=== 3. Alignment: SFT, then DPO, measured ===")
     demo.tritium("sft", "--checkpoint", out / "pretrain" / "final", "--nproc", nproc, "--max-steps", steps["sft"],
-                 "--out", out / "sft", title="supervised fine-tuning on the embedded instruction tasks")
+                 "--save-interval", 0, *tasks, "--out", out / "sft",
+                 title="supervised fine-tuning on the embedded instruction tasks")
     demo.tritium("dpo", "--checkpoint", out / "sft" / "final", "--nproc", nproc, "--max-steps", steps["dpo"],
-                 "--out", out / "dpo", title="preference tuning (DPO) against the SFT model as reference")
+                 "--save-interval", 0, *tasks, "--out", out / "dpo",
+                 title="preference tuning (DPO) against the SFT model as reference")
     demo.tritium("align-eval", "--checkpoint", out / "pretrain" / "final", out / "sft" / "final",
-                 out / "dpo" / "final", "--out", out / "align-eval", *(["--limit", "40"] if q else []),
+                 out / "dpo" / "final", "--labels", "pretrained", "sft", "dpo", "--reference", out / "sft" / "final",
+                 "--out", out / "align-eval", *tasks, *(["--max-examples", "40", "--max-pairs", "40"] if q else []),
                  title="before/after table: exact match, format compliance, preference accuracy")
 
     print("\n=== 4. After: frozen weights, KV-cached generation, an OpenAI-compatible server ===")
     demo.tritium("generate", "--checkpoint", out / "dpo" / "final", "--chat", "--max-tokens", "24",
-                 "--temperature", "0", "reverse the word: tritium", title="stream a chat answer with the KV cache")
+                 "--greedy", _DEMO_PROMPTS[0], title="stream a chat answer with the KV cache")
     if not args.skip_serve:
         _serve_stage(demo)
     _write_report(demo, time.time() - started)
@@ -134,7 +165,7 @@ def _serve_stage(demo: Demo) -> None:
             raise RuntimeError("server did not become ready within 120 s")
         exchanges = []
         with httpx.Client(base_url=base, timeout=60) as client:
-            for prompt in ("add 17 and 25", "reverse the word: model", "sort: 5 2 9 1"):
+            for prompt in _DEMO_PROMPTS:
                 body = {"model": "tritium", "messages": [{"role": "user", "content": prompt}],
                         "max_tokens": 24, "temperature": 0}
                 print(f"POST /v1/chat/completions {json.dumps(body)}")
@@ -147,7 +178,8 @@ def _serve_stage(demo: Demo) -> None:
         print("GET /metrics (excerpt):\n  " + "\n  ".join(shown[:14]))
         (demo.out / "serve_exchanges.json").write_text(json.dumps(exchanges, indent=2) + "\n")
         demo.tritium("serve-bench", "--url", base, "--concurrency", "4", "--requests", "8" if demo.quick else "32",
-                     "--max-tokens", "16", "--out", demo.out / "serve-bench",
+                     "--prompt-tokens", "8,32", "--max-tokens", "8,16", "--traffic-rps", "5", "--model-config", "tiny",
+                     "--json", demo.out / "serve_bench.json",
                      title="load the server and turn measured tokens/s into GPUs needed and cost per 1M tokens")
     finally:
         server.terminate()

@@ -37,7 +37,7 @@ def test_malformed_sft_line_names_file_and_line(tmp_path, bad, why):
     path = _write_lines(tmp_path / "sft.jsonl", [good, good, bad, good])
     with pytest.raises(ValueError) as info:
         load_sft_jsonl(path)
-    assert f"sft.jsonl:3:" in str(info.value) and why in str(info.value)
+    assert "sft.jsonl:3:" in str(info.value) and why in str(info.value)
     records, stats = load_sft_jsonl(path, skip_malformed=True)
     assert len(records) == 3 and stats.skipped == 1 and ":3:" in stats.errors[0]
     assert "1 malformed skipped" in stats.summary()
@@ -88,7 +88,7 @@ def test_splits_deterministic_disjoint_and_verified():
         elif ex.task == "reverse":
             assert ex.answer.split() == body.split()[::-1]
         else:
-            assert ex.answer == str(eval(body, {"__builtins__": {"max": max, "min": min, "len": len}}))  # noqa: S307
+            assert ex.answer == str(eval(body, {"__builtins__": {"max": max, "min": min, "len": len}}))
 
 
 def test_preference_pairs_reject_unverified_answers():

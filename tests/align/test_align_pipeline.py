@@ -48,13 +48,15 @@ def test_sft_then_dpo_then_eval(tmp_path, toy_checkpoint):
 
     eval_dir = tmp_path / "eval"
     assert main(["align-eval", "--checkpoint", str(toy_checkpoint), str(sft_dir / "final"), str(dpo_dir / "final"),
-                 "--out", str(eval_dir), "--per-task", "20", "--max-examples", "6", "--max-pairs", "6",
-                 "--max-new-tokens", "4"]) == 0
+                 "--out", str(eval_dir), "--labels", "pretrain,sft", "dpo", "--per-task", "20", "--max-examples", "6", "--max-pairs", "6",
+                 "--max-new-tokens", "4", "--reference", str(sft_dir / "final")]) == 0
     rows = json.loads((eval_dir / "align_eval.json").read_text())
     assert [r["label"] for r in rows] == ["pretrain", "sft", "dpo"]
     for row in rows:
         assert 0 <= row["exact_match"] <= 1 and 0 <= row["format"] <= 1 and row["num_pairs"] == 6
+    assert rows[1]["reward_accuracy_vs_ref"] == 0 and rows[1]["reward_margin_vs_ref"] == 0  # sft is the reference
     assert (eval_dir / "align_eval.png").stat().st_size > 0
+    assert (eval_dir / "table.md").read_text().count("\n") == 5  # header, rule, three checkpoints
 
 
 def test_cli_user_errors(tmp_path, toy_checkpoint, capsys):

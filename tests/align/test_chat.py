@@ -70,7 +70,7 @@ def test_invalid_messages_raise_clear_errors(char_tokenizer, messages, error, te
 def test_tokenizer_without_markers_is_a_clear_error():
     class Plain:
         bos_id = 1
-        special_ids = {}
+        special_ids: dict[str, int] = {}  # noqa: RUF012 - a stand-in without markers
 
         def encode(self, text):
             return [5] * len(text)

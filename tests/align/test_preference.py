@@ -7,9 +7,17 @@ import pytest
 import torch
 
 from tritium.align.data import PreferencePair
-from tritium.align.preference import (PreferenceBatches, PreferenceConfig, ReferenceModel, collate_pairs,
-                                      compute_reference_logps, make_preference_loss, preference_loss,
-                                      sequence_logps, tokenize_pairs)
+from tritium.align.preference import (
+    PreferenceBatches,
+    PreferenceConfig,
+    ReferenceModel,
+    collate_pairs,
+    compute_reference_logps,
+    make_preference_loss,
+    preference_loss,
+    sequence_logps,
+    tokenize_pairs,
+)
 from tritium.align.tasks import make_splits, preference_pairs
 from tritium.model.config import ModelConfig
 from tritium.model.transformer import Transformer
@@ -160,7 +168,7 @@ def test_cached_reference_logps_equal_the_frozen_model(char_tokenizer, pairs):
     batch_cached = collate_pairs(tokenized, pad_id=0, reference_logps=cached)
     batch_plain = collate_pairs(tokenized, pad_id=0)
     loss_cached, m_cached = make_preference_loss(cfg)(policy, batch_cached)
-    loss_model, m_model = make_preference_loss(cfg, reference)(policy, batch_plain)
+    loss_model, _ = make_preference_loss(cfg, reference)(policy, batch_plain)
     # the policy equals the reference at the start: the DPO loss is log 2, the KL estimate 0
     assert loss_cached.item() == pytest.approx(math.log(2), abs=1e-5)
     assert loss_model.item() == pytest.approx(loss_cached.item(), abs=1e-6)
@@ -180,3 +188,20 @@ def test_sft_weight_adds_the_chosen_mean_nll(char_tokenizer, pairs):
     expected_nll = (-(logps[:n] / lengths[:n])).mean()
     assert anchored.item() == pytest.approx(plain.item() + 0.5 * expected_nll.item(), rel=1e-5)
     assert float(metrics["chosen_nll"]) == pytest.approx(expected_nll.item(), rel=1e-5)
+
+
+def test_eval_preference_scores():
+    from tritium.align.evaluate import score_preferences
+
+    gen = torch.Generator().manual_seed(11)
+    logps = -10 * torch.rand(9, 2, generator=gen, dtype=torch.float64)
+    ref = -10 * torch.rand(9, 2, generator=gen, dtype=torch.float64)
+    result = score_preferences(logps, ref)
+    gap = [logps[i, 0].item() - logps[i, 1].item() for i in range(9)]
+    implicit = [gap[i] - (ref[i, 0].item() - ref[i, 1].item()) for i in range(9)]
+    assert result["pref_accuracy"] == pytest.approx(sum(g > 0 for g in gap) / 9)
+    assert result["pref_margin"] == pytest.approx(sum(gap) / 9)
+    assert result["reward_accuracy_vs_ref"] == pytest.approx(sum(g > 0 for g in implicit) / 9)
+    assert result["reward_margin_vs_ref"] == pytest.approx(sum(implicit) / 9)
+    with pytest.raises(ValueError, match="tokenizer"):
+        score_preferences(logps, ref[:4])

@@ -4,8 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tritium.align.sft import (IGNORE_INDEX, SFTBatches, collate_padded, collate_rows, pack_rows, sft_loss,
-                               shifted_labels, tokenize_conversations)
+from tritium.align.sft import (
+    IGNORE_INDEX,
+    SFTBatches,
+    collate_padded,
+    collate_rows,
+    pack_rows,
+    sft_loss,
+    shifted_labels,
+    tokenize_conversations,
+)
 from tritium.align.tasks import make_splits, sft_conversations
 from tritium.model.config import ModelConfig
 from tritium.model.transformer import Transformer
