@@ -150,6 +150,8 @@ def _serve_stage(demo: Demo) -> None:
     server = subprocess.Popen([sys.executable, "-m", "tritium.cli", *cmd[1:]], stdout=log_file,
                               stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    demo.log.append({"command": " ".join(cmd), "title": "serve on 127.0.0.1 in the background", "seconds": "-",
+                     "exit": 0})
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
