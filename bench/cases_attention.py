@@ -46,14 +46,14 @@ def _attn_factory(kind: str):
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
         if kind == "tritium":
             need_cuda(device)
-            forward = lambda: flash_attn_func(q, k, v, causal=causal)  # noqa: E731
+            forward = lambda: flash_attn_func(q, k, v, causal=causal)
         elif kind == "flash_attn":
             fa = _flash_attn(device)
-            forward = lambda: fa.flash_attn_func(q, k, v, causal=causal)  # noqa: E731
+            forward = lambda: fa.flash_attn_func(q, k, v, causal=causal)
         elif kind == "naive":
             if B * H * T * T * 4 > 4 * 2**30:
                 raise Skip("naive eager attention would hold more than 4 GiB of scores")
-            forward = lambda: attention_ref(q, k, v, causal=causal)  # noqa: E731
+            forward = lambda: attention_ref(q, k, v, causal=causal)
         else:
             from torch.nn.attention import sdpa_kernel
 
@@ -108,10 +108,10 @@ def _varlen_factory(kind: str):
         bounds = cu.tolist()
         if kind == "tritium":
             need_cuda(device)
-            forward = lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)  # noqa: E731
+            forward = lambda: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
         elif kind == "flash_attn":
             fa = _flash_attn(device)
-            forward = lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)  # noqa: E731
+            forward = lambda: fa.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
         else:  # what users do without a varlen kernel: one SDPA call per document
             def forward():
                 outs = []

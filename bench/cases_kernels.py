@@ -48,7 +48,7 @@ def _rms_factory(kind: str):
             fn = compiled(rms_norm_ref, device)
         else:
             ops = _liger(device, "rms_norm")
-            fn = lambda x, w, eps: ops.LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama")  # noqa: E731
+            fn = lambda x, w, eps: ops.LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama")
         return fwd_bwd(lambda: fn(x, w, 1e-6), mode, [x, w])
     return factory
 
@@ -128,7 +128,7 @@ def _rope_factory(kind: str):
             fn = compiled(apply_rope_ref, device)
         else:
             ops = _liger(device, "rope")
-            fn = lambda q, k, c, s: ops.LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), c, s)  # noqa: E731
+            fn = lambda q, k, c, s: ops.LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), c, s)
 
         def forward():
             qo, ko = fn(q, k, cos, sin)
@@ -170,15 +170,15 @@ def _flce_factory(kind: str):
         targets = torch.randint(0, V, (N,), device=device)
         if kind == "tritium":
             need_cuda(device)
-            forward = lambda: fused_linear_cross_entropy(hidden, weight, targets)  # noqa: E731
+            forward = lambda: fused_linear_cross_entropy(hidden, weight, targets)
         elif kind in ("torch", "torch.compile"):
             def unfused(h, w, t):
                 return F.cross_entropy((h @ w.T).float(), t)
             fn = unfused if kind == "torch" else compiled(unfused, device)
-            forward = lambda: fn(hidden, weight, targets)  # noqa: E731
+            forward = lambda: fn(hidden, weight, targets)
         else:
             ops = _liger(device, "fused_linear_cross_entropy")
-            forward = lambda: ops.LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets)[0]  # noqa: E731
+            forward = lambda: ops.LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets)[0]
         return fwd_bwd(forward, mode, [hidden, weight])
     return factory
 

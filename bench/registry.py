@@ -9,8 +9,9 @@ torch.compile on CPU, ...); the report keeps the reason.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

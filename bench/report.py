@@ -41,15 +41,16 @@ def write_all(rows: list[dict[str, Any]], env: dict[str, str], ceilings: Ceiling
 def markdown(rows, env, ceilings: Ceilings, device: str) -> str:
     lines = ["# tritium benchmark report", ""]
     if device != "cuda":
-        lines += ["> **CPU run.** These numbers check that every benchmark code path works; they are not kernel "
-                  "speed. Triton providers are skipped on CPU (they would run in the interpreter).", ""]
+        lines += [("> **CPU run.** These numbers check that every benchmark code path works; they are not kernel "
+                   "speed. Triton providers are skipped on CPU (they would run in the interpreter)."), ""]
     lines += ["| environment | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += [f"| copy bandwidth (measured) | {ceilings.copy_gbps:.1f} GB/s |",
               f"| matmul {ceilings.matmul_dtype} {ceilings.matmul_size}^3 (measured) | {ceilings.matmul_tflops:.2f} TFLOP/s |",
-              "", "Throughput is GB/s (bytes each input read once and each output written once), TFLOP/s, or "
-              "tokens/s; `% ceiling` divides by the measured copy bandwidth or matmul rate above (for tokens/s "
-              "cases it is MFU); `x base` is the baseline's time over this provider's time, both from this run.", ""]
+              "", ("Throughput is GB/s (bytes each input read once and each output written once), TFLOP/s, or "
+                   "tokens/s; `% ceiling` divides by the measured copy bandwidth or matmul rate above (for tokens/s "
+                   "cases it is MFU); `x base` is the baseline's time over this provider's time, both from this run."),
+              ""]
     lines += ["| case | size | mode | provider | ms | throughput | % ceiling | x base | peak MiB | note |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

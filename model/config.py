@@ -76,14 +76,14 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         key = name.lower().replace("_", "-")
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         dials = {**PRESETS[key], **overrides}
         return cls(name=key, **dials)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ JSON
@@ -97,7 +97,7 @@ class ModelConfig:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if "architectures" in data or "num_hidden_layers" in data:
             return cls.from_hf_dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -107,7 +107,7 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -147,7 +147,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"Hugging Face config: model_type {model_type!r} is not a Llama-style decoder "

@@ -13,7 +13,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import pytest  # noqa: E402
+import pytest
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests run many tiny ops: on a shared 2-core box torch's intra-op pool spends more time
+    synchronising than computing (measured 10-20x slower), so each test runs single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- shared tokenizer and data (worker F)

@@ -21,8 +21,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _shell_blocks(text: str) -> list[str]:
     """Bash blocks whole, and the ``$ ...`` prompt lines of transcript (text) blocks."""
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    for block in re.findall(r"```text\n(.*?)```", text, flags=re.S):
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    for block in re.findall(r"```text\n(.*?)```", text, flags=re.DOTALL):
         blocks.append("\n".join(line[2:] for line in block.splitlines() if line.startswith("$ ")))
     return blocks
 

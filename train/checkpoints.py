@@ -52,7 +52,10 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # Plain ints, floats and tensors only, so the file loads with torch.load(weights_only=True).
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():
@@ -66,7 +69,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        saved = state["numpy"]
+        np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -255,7 +260,7 @@ class Checkpointer:
         if loaded is None:
             raise CheckpointError(f"checkpoint {path} could not be loaded (DeepSpeed found no model states)")
         rank_file = path / f"rank_{_rank():05d}_state.pt"
-        rank_state = torch.load(rank_file, weights_only=False)  # our own file: RNG states are pickled tuples
+        rank_state = torch.load(rank_file, weights_only=True)  # never unpickle: ints, tuples and tensors only
         if "rng" in rank_state:
             set_rng_state(rank_state["rng"])
         state = dict(client_state or {})

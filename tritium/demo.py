@@ -194,8 +194,9 @@ def _serve_stage(demo: Demo) -> None:
 
 def _write_report(demo: Demo, seconds: float) -> None:
     out = demo.out
-    lines = [f"# tritium demo report", "", f"Run folder: `{out}`; {demo.nproc} training ranks; "
-             f"{'quick' if demo.quick else 'default'} form; {seconds:.0f} s in all.", "",
+    summary = (f"Run folder: `{out}`; {demo.nproc} training ranks; "
+               f"{'quick' if demo.quick else 'default'} form; {seconds:.0f} s in all.")
+    lines = ["# tritium demo report", "", summary, "",
              "| step | command | seconds |", "|---|---|---|"]
     lines += [f"| {e['title']} | `{e['command']}` | {e['seconds']} |" for e in demo.log]
     for title, path in (("Alignment before/after", out / "align-eval" / "table.md"),

@@ -17,6 +17,7 @@ from tritium.kernels.attention import (
     varlen_attention_ref,
 )
 
+
 @pytest.fixture(autouse=True)
 def _fixed_kernel_configs(monkeypatch):
     # On a GPU, one fixed config per kernel: autotuning every small test shape only costs compile time.

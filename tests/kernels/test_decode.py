@@ -10,6 +10,7 @@ import torch
 from tritium.kernels.attention import flash_attn_func
 from tritium.kernels.decode import flash_attn_with_kvcache, kvcache_attention_ref, num_splits_heuristic
 
+
 @pytest.fixture(autouse=True)
 def _fixed_kernel_configs(monkeypatch):
     # On a GPU, one fixed config per kernel: autotuning every small test shape only costs compile time.

@@ -11,15 +11,6 @@ from tritium.model.config import ModelConfig
 from tritium.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny ops on 2 shared cores: intra-op threads oversubscribe and run ~20x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("spec, expected", [
     ("torch", dict.fromkeys(COMPONENTS, "torch")),
     ("triton", dict.fromkeys(COMPONENTS, "triton")),

@@ -4,10 +4,19 @@ import json
 import pytest
 
 from tritium.model.config import ModelConfig
-from tritium.model.sizing import (activation_bytes, activation_bytes_per_token_per_layer, count_parameters,
-                                  describe, flops_per_token, inference_cost, kv_cache_bytes,
-                                  kv_cache_bytes_per_token, matmul_parameters, parameter_breakdown,
-                                  training_memory)
+from tritium.model.sizing import (
+    activation_bytes,
+    activation_bytes_per_token_per_layer,
+    count_parameters,
+    describe,
+    flops_per_token,
+    inference_cost,
+    kv_cache_bytes,
+    kv_cache_bytes_per_token,
+    matmul_parameters,
+    parameter_breakdown,
+    training_memory,
+)
 
 
 def test_llama2_7b_counts_exactly():

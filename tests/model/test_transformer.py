@@ -9,15 +9,6 @@ from tritium.model.config import ModelConfig
 from tritium.model.transformer import LMHead, Transformer, zero3_external_params
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny ops on 2 shared cores: intra-op threads oversubscribe and run ~20x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides):
     dials = {"num_layers": 2, "max_seq_len": 64}
     dials.update(overrides)

@@ -12,16 +12,6 @@ from tritium.model.config import ModelConfig
 from tritium.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These tests run many tiny matmuls: on the shared 2-core CI box, torch's thread pool spends more
-    time synchronising than computing (measured 10x slower), so they run single-threaded, restored after each module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def serve_model(tiny_tokenizer):
     torch.manual_seed(1234)
