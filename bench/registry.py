@@ -27,7 +27,7 @@ Factory = Callable[[Size, str, str, torch.dtype], Callable[[], object]]
 @dataclass
 class Case:
     name: str  # e.g. "rms_norm"
-    area: str  # kernels | attention | model | generation
+    area: str  # kernels | attention | model | train | generation
     sizes: list[Size]  # the full sweep on a GPU
     quick_sizes: list[Size]  # a minute-long pass (also what CPU runs)
     providers: dict[str, Factory]  # provider name -> factory; "tritium" is ours
@@ -62,6 +62,10 @@ def load_all() -> dict[str, Case]:
     try:
         from tritium.bench import cases_generation  # noqa: F401
     except ImportError:  # serve extra missing: generation cases are simply absent
+        pass
+    try:
+        from tritium.bench import cases_train  # noqa: F401
+    except ImportError:  # deepspeed missing (e.g. a bare GPU box): training cases are absent
         pass
     return REGISTRY
 

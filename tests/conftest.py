@@ -31,6 +31,16 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process training fills in a 1-rank world (RANK, MASTER_PORT, ...); keep it out of later tests
+    and of the subprocesses they start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tests run many tiny ops: on a shared 2-core box torch's intra-op pool spends more time
     synchronising than computing (measured 10-20x slower), so each test runs single-threaded."""

@@ -31,8 +31,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
         losses = [json.loads(line)["loss"] for line in (out / stage / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(line)]
         assert losses, f"no losses logged for {stage}"
-    pretrain = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert pretrain[-1]["loss"] < pretrain[0]["loss"], "pretraining loss did not fall"
+    records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0], f"pretraining loss did not fall: {losses}"
     assert (out / "align-eval" / "table.md").exists()
     exchanges = json.loads((out / "serve_exchanges.json").read_text())
     assert len(exchanges) == 3 and all(e["usage"]["completion_tokens"] > 0 for e in exchanges)

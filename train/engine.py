@@ -44,6 +44,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+SINGLE_PROCESS_MARKER = "TRITIUM_SINGLE_PROCESS_WORLD"
+SINGLE_PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                       SINGLE_PROCESS_MARKER)
+
+
 def prepare_environment() -> None:
     """Point DeepSpeed at its CPU accelerator when there is no CUDA (before deepspeed is imported)."""
     if not torch.cuda.is_available():
@@ -58,8 +63,11 @@ def init_distributed(cfg: TrainConfig | None = None) -> tuple[int, int, int]:
     """
     prepare_environment()
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        # DeepSpeed reads these from the environment; the marker says we made them up, so a
+        # launcher started later from this process (a test, a notebook) does not think it is a rank.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                          **{SINGLE_PROCESS_MARKER: "1"})
     import deepspeed
     import torch.distributed as dist
 

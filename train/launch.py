@@ -30,6 +30,10 @@ RANK_MODULE = "tritium.train"
 
 def in_launcher() -> bool:
     """True inside a rank started by deepspeed/torchrun/mpirun (never spawn again from there)."""
+    from tritium.train.engine import SINGLE_PROCESS_MARKER
+
+    if os.environ.get(SINGLE_PROCESS_MARKER):  # a 1-rank world this process made for itself
+        return False
     return "LOCAL_RANK" in os.environ or "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ
 
 
@@ -95,7 +99,12 @@ def launcher_command(cfg: TrainConfig, rank_args: list[str], module: str = RANK_
 
 
 def child_environment() -> dict[str, str]:
+    from tritium.train.engine import SINGLE_PROCESS_MARKER, SINGLE_PROCESS_VARS
+
     env = dict(os.environ)
+    if env.get(SINGLE_PROCESS_MARKER):  # never hand our own 1-rank world to the ranks we launch
+        for name in SINGLE_PROCESS_VARS:
+            env.pop(name, None)
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
         import torch
