@@ -73,18 +73,11 @@ def _run_rank(payload: dict[str, Any]) -> int:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tritium.align.launching import launch_or_run, train_config_from_args
+    from tritium.align.launching import checked_inputs, launch_or_run, train_config_from_args
     from tritium.align.preference import PreferenceConfig, cached_reference_logps, preference_datasets
     from tritium.model.tokenizer import Tokenizer
 
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file() or not (checkpoint / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} must hold config.json, *.safetensors and tokenizer.model "
-                                "(a run's final/ folder)")
-    for name in ("data", "val_data"):
-        value = getattr(args, name)
-        if value is not None and not Path(value).is_file():
-            raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {value}")
+    checkpoint = checked_inputs(args)
     train_cfg = train_config_from_args(args, DPO_DEFAULTS)
     train_cfg.init_from = str(checkpoint)
     beta = args.beta if args.beta is not None else (2.0 if args.loss == "simpo" else 0.1)

@@ -57,19 +57,11 @@ def _run_rank(payload: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from tritium.align.launching import launch_or_run, train_config_from_args
+    from tritium.align.launching import checked_inputs, launch_or_run, train_config_from_args
     from tritium.align.sft import SFTConfig
 
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file() or not (checkpoint / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} must hold config.json, *.safetensors and tokenizer.model "
-                                "(a run's final/ folder)")
-    for name in ("data", "val_data"):
-        value = getattr(args, name)
-        if value is not None and not Path(value).is_file():
-            raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {value}")
+    checkpoint = checked_inputs(args)
     train_cfg = train_config_from_args(args, SFT_DEFAULTS)
     train_cfg.init_from = str(checkpoint)
     sft_cfg = SFTConfig(seq_len=train_cfg.seq_len, packing=not args.no_packing, truncation=args.truncation,

@@ -63,3 +63,16 @@ def print_done(name: str, result: Any) -> None:
     loss = None if result.last_loss is None else round(result.last_loss, 4)
     print(f"tritium {name}: {result.steps} steps on {result.world_size} rank(s), last loss {loss}{where}",
           flush=True)
+
+
+def checked_inputs(args) -> Path:
+    """The ``--checkpoint`` folder of ``tritium sft``/``dpo``, after checking it and any data files exist."""
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file() or not (checkpoint / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} must hold config.json, *.safetensors and tokenizer.model "
+                                "(a run's final/ folder)")
+    for name in ("data", "val_data"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {value}")
+    return checkpoint
