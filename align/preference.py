@@ -43,7 +43,7 @@ import json
 import os
 import random
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from tritium.align.data import PreferencePair
-from tritium.align.sft import IGNORE_INDEX, shifted_labels
+from tritium.align.sft import IGNORE_INDEX, EpochBatches, shifted_labels
 from tritium.model.chat import encode_chat
 
 LOSS_TYPES = ("dpo", "ipo", "simpo")
@@ -183,8 +183,10 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int,
     return batch
 
 
-class PreferenceBatches:
+class PreferenceBatches(EpochBatches):
     """Deterministic, resumable, rank-disjoint micro-batches of pairs (``fit``'s ``make_batches``)."""
+
+    too_few = "too few preference pairs for world_size={world}"
 
     def __init__(self, pairs: Sequence[TokenizedPair], pad_id: int, micro_batch: int, seed: int = 0,
                  reference_logps: torch.Tensor | None = None, shuffle: bool = True) -> None:
@@ -202,23 +204,6 @@ class PreferenceBatches:
         chunks = [order[i:i + self.micro_batch] for i in range(0, len(order), self.micro_batch)]
         return [collate_pairs([self.pairs[i] for i in chunk], self.pad_id, self.reference_logps)
                 for chunk in chunks]
-
-    def __call__(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-        consumed, epoch = 0, 0
-        while True:
-            every = self.epoch_batches(epoch)
-            mine = every[rank::world][:len(every) // world]
-            if not mine:
-                raise ValueError(f"too few preference pairs for world_size={world}")
-            for batch in mine:
-                if consumed >= start:
-                    yield batch
-                consumed += 1
-            epoch += 1
-
-    def finite(self, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-        every = self.epoch_batches(0)
-        return iter(every[rank::world])
 
 
 # ------------------------------------------------------------------------------- log-probabilities

@@ -158,12 +158,45 @@ def collate_padded(examples: Sequence[tuple[list[int], list[int]]], pad_id: int)
             "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-class SFTBatches:
+class EpochBatches:
+    """Micro-batches rebuilt each epoch (``epoch_batches``) and dealt to ranks in equal counts.
+
+    The shared part of SFT and preference batching; a subclass builds one epoch's list.
+    """
+
+    too_few = "too few micro-batches for world_size={world}"  # the error when a rank would get none
+
+    def epoch_batches(self, epoch: int) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __call__(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless stream for ``rank``, skipping the first ``start`` micro-batches (resume)."""
+        consumed, epoch = 0, 0
+        while True:
+            every = self.epoch_batches(epoch)
+            # equal count per rank so no rank waits at a collective for a batch that never comes
+            mine = every[rank::world][:len(every) // world]
+            if not mine:
+                raise ValueError(self.too_few.format(world=world))
+            for batch in mine:
+                if consumed >= start:
+                    yield batch
+                consumed += 1
+            epoch += 1
+
+    def finite(self, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over epoch 0's micro-batches for ``rank`` -- for evaluation."""
+        return iter(self.epoch_batches(0)[rank::world])
+
+
+class SFTBatches(EpochBatches):
     """Deterministic, resumable, rank-disjoint micro-batches of packed rows, cycling over epochs.
 
     Epoch ``e`` shuffles the examples with ``(seed, e)`` before packing, so every rank builds the same
     rows and takes every ``world``-th micro-batch.  Matches ``fit``'s ``make_batches(start, rank, world)``.
     """
+
+    too_few = "too little SFT data for world_size={world}: fewer micro-batches than ranks"
 
     def __init__(self, examples: Sequence[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
                  micro_batch: int, seed: int = 0, packing: bool = True, shuffle: bool = True) -> None:
@@ -183,25 +216,6 @@ class SFTBatches:
 
     def batches_per_epoch(self, world: int = 1) -> int:
         return len(self.epoch_batches(0)) // max(world, 1)
-
-    def __call__(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless stream for ``rank``, skipping the first ``start`` micro-batches (resume)."""
-        consumed, epoch = 0, 0
-        while True:
-            every = self.epoch_batches(epoch)
-            # equal count per rank so no rank waits at a collective for a batch that never comes
-            mine = every[rank::world][:len(every) // world]
-            if not mine:
-                raise ValueError(f"too little SFT data for world_size={world}: fewer micro-batches than ranks")
-            for batch in mine:
-                if consumed >= start:
-                    yield batch
-                consumed += 1
-            epoch += 1
-
-    def finite(self, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass over epoch 0's micro-batches for ``rank`` -- for evaluation."""
-        return iter(self.epoch_batches(0)[rank::world])
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
