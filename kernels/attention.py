@@ -191,15 +191,8 @@ def _attn_fwd_kernel(
     v_base = V + k_start * stride_vt + kv_head * stride_vh
 
     # Only the key tiles that some row of this block may see.
-    lo = 0
-    hi = seqlen_k
-    if HAS_RIGHT:
-        hi = tl.minimum(seqlen_k, pid_m * BLOCK_M + BLOCK_M + diag + window_right)
-    if HAS_LEFT:
-        lo = tl.maximum(0, pid_m * BLOCK_M + diag - window_left)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    a, b = _interior_key_tiles(lo, hi, pid_m * BLOCK_M, seqlen_k, diag, window_left, window_right,
-                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi, a, b = _key_tiles(pid_m * BLOCK_M, seqlen_k, diag, window_left, window_right,
+                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -243,6 +236,23 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, 
     do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head * stride_delta_h + rows, delta, mask=rows < total_q)
+
+
+@triton.jit
+def _key_tiles(row0, seqlen_k, diag, window_left, window_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key range [lo, hi) that some query row in [row0, row0 + BLOCK_M) may see (lo tile-aligned),
+    with its unmasked interior [a, b) from ``_interior_key_tiles``: the forward and dQ kernels' loop."""
+    lo = 0
+    hi = seqlen_k
+    if HAS_RIGHT:
+        hi = tl.minimum(seqlen_k, row0 + BLOCK_M + diag + window_right)
+    if HAS_LEFT:
+        lo = tl.maximum(0, row0 + diag - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    a, b = _interior_key_tiles(lo, hi, row0, seqlen_k, diag, window_left, window_right,
+                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    return lo, hi, a, b
 
 
 @triton.jit
@@ -447,15 +457,8 @@ def _attn_bwd_dq_kernel(
     k_base = K + k_start * stride_kt + kv_head * stride_kh
     v_base = V + k_start * stride_vt + kv_head * stride_vh
 
-    lo = 0
-    hi = seqlen_k
-    if HAS_RIGHT:
-        hi = tl.minimum(seqlen_k, pid_m * BLOCK_M + BLOCK_M + diag + window_right)
-    if HAS_LEFT:
-        lo = tl.maximum(0, pid_m * BLOCK_M + diag - window_left)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    a, b = _interior_key_tiles(lo, hi, pid_m * BLOCK_M, seqlen_k, diag, window_left, window_right,
-                               BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi, a, b = _key_tiles(pid_m * BLOCK_M, seqlen_k, diag, window_left, window_right,
+                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _attn_bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
@@ -563,6 +566,11 @@ def _check_attention_args(q, k, v, dropout_p, softmax_scale, window_size, softca
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not implemented in tritium "
                                   "(pass dropout_p=0.0)")
+    _check_score_options(softmax_scale, window_size, softcap)
+
+
+def _check_score_options(softmax_scale, window_size, softcap) -> None:
+    """The options shared by every attention entry point (dense, varlen, decode)."""
     if softmax_scale is not None and not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
     if softcap < 0:

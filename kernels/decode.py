@@ -30,6 +30,7 @@ from tritium.kernels.attention import (
     LOG2E,
     MAX_HEAD_DIM,
     _allowed,
+    _check_score_options,
     _dot_precision,
     _tanh,
     _window,
@@ -342,12 +343,7 @@ def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, s
     elif k_cache.shape[0] != batch:
         raise ValueError(f"contiguous k_cache batch {k_cache.shape[0]} != q batch {batch} "
                          "(pass block_table for a paged cache)")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
-    if len(window_size) != 2 or any(int(w) != w or w < -1 for w in window_size):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size}")
+    _check_score_options(softmax_scale, window_size, softcap)
 
 
 def _as_seqlens(cache_seqlens, batch, device):
