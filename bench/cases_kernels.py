@@ -35,7 +35,7 @@ def _rms_inputs(size, device, dtype, requires_grad):
 
 def _rms_factory(kind: str):
     def factory(size, mode, device, dtype):
-        from tritium.kernels.rms_norm import rms_norm, rms_norm_ref
+        from tritium.kernels.norm import rms_norm, rms_norm_ref
 
         grad = mode != "fwd"
         x, w = _rms_inputs(size, device, dtype, grad)
@@ -74,7 +74,7 @@ register(Case(
 # ----------------------------------------------------------------------------- SwiGLU
 def _swiglu_factory(kind: str):
     def factory(size, mode, device, dtype):
-        from tritium.kernels.swiglu import swiglu, swiglu_ref
+        from tritium.kernels.mlp import swiglu, swiglu_ref
 
         grad = mode != "fwd"
         gate = torch.randn(size["M"], size["N"], device=device, dtype=dtype, requires_grad=grad)
@@ -161,7 +161,7 @@ def _flce_factory(kind: str):
     def factory(size, mode, device, dtype):
         import torch.nn.functional as F
 
-        from tritium.kernels.cross_entropy import fused_linear_cross_entropy
+        from tritium.kernels.loss import fused_linear_cross_entropy
 
         grad = mode != "fwd"
         N, H, V = size["N"], size["H"], size["V"]

@@ -1,14 +1,12 @@
 """tritium.kernels: Triton kernels with autograd and PyTorch references.
 
+Every public function is importable from here as the callable, the way Liger's functional API and
+``torch.nn.functional`` are used: ``from tritium.kernels import rms_norm; rms_norm(x, weight)``.
+The submodules are named for the kernel family (``norm``, ``mlp``, ``rope``, ``loss``,
+``attention``, ``decode``) so that no function shares its submodule's name.
+
 Public names are imported lazily (PEP 562 ``__getattr__``): ``import tritium.kernels`` does not
 import triton, and never imports transformers (only ``tritium.kernels.hf`` does, on use).
-
-Three functions share their submodule's name: ``rms_norm``, ``swiglu`` and ``cross_entropy``.
-Python binds a package attribute to the submodule once it is imported, so
-``tritium.kernels.rms_norm`` is (always) the module; import those functions from it:
-``from tritium.kernels.rms_norm import rms_norm``. Exporting them here instead would make
-``import tritium.kernels.rms_norm as m`` return the function or the module depending on
-import order.
 """
 from __future__ import annotations
 
@@ -17,15 +15,15 @@ from typing import Any
 
 # public name -> submodule that defines it (kernel workers add their families here)
 _EXPORTS = {
-    # RMSNorm (the function itself: tritium.kernels.rms_norm.rms_norm, see above)
-    "rms_norm_ref": "rms_norm",
-    # SwiGLU (swiglu itself: tritium.kernels.swiglu.swiglu)
-    "swiglu_ref": "swiglu", "swiglu_mlp": "swiglu", "swiglu_mlp_ref": "swiglu",
-    # RoPE
+    # RMSNorm (kernels/norm.py)
+    "rms_norm": "norm", "rms_norm_ref": "norm",
+    # SwiGLU (kernels/mlp.py)
+    "swiglu": "mlp", "swiglu_ref": "mlp", "swiglu_mlp": "mlp", "swiglu_mlp_ref": "mlp",
+    # RoPE (kernels/rope.py)
     "apply_rope": "rope", "apply_rope_ref": "rope", "rope_cos_sin": "rope",
-    # cross-entropy
-    "cross_entropy_ref": "cross_entropy",  # cross_entropy itself: tritium.kernels.cross_entropy
-    "fused_linear_cross_entropy": "cross_entropy", "fused_linear_cross_entropy_ref": "cross_entropy",
+    # cross-entropy (kernels/loss.py)
+    "cross_entropy": "loss", "cross_entropy_ref": "loss",
+    "fused_linear_cross_entropy": "loss", "fused_linear_cross_entropy_ref": "loss",
     # attention (kernels/attention.py, kernels/decode.py)
     "flash_attn_func": "attention", "flash_attn_varlen_func": "attention",
     "attention_ref": "attention", "varlen_attention_ref": "attention",

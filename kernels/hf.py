@@ -42,12 +42,12 @@ _SUPPORTED_TEXT = ", ".join(f"{prefix}ForCausalLM/{prefix}Model" for _, prefix i
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from tritium.kernels.rms_norm import rms_norm
+    from tritium.kernels.norm import rms_norm
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from tritium.kernels.swiglu import swiglu
+    from tritium.kernels.mlp import swiglu
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -94,7 +94,7 @@ def _head_forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = Non
         return F.linear(hidden, self.weight, self.bias)
     if self.bias is not None:
         raise ValueError("tritium.kernels.hf.patch(loss=True) supports lm_head without bias only")
-    from tritium.kernels.cross_entropy import fused_linear_cross_entropy
+    from tritium.kernels.loss import fused_linear_cross_entropy
     return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1),
                                       ignore_index=ignore_index, reduction=reduction)
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tritium.kernels.cross_entropy import fused_linear_cross_entropy
-from tritium.kernels.rms_norm import rms_norm
+from tritium.kernels.loss import fused_linear_cross_entropy
+from tritium.kernels.norm import rms_norm
 from tritium.kernels.rope import apply_rope, rope_cos_sin
-from tritium.kernels.swiglu import swiglu_mlp
+from tritium.kernels.mlp import swiglu_mlp
 
 
 class RMSNorm(nn.Module):

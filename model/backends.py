@@ -183,13 +183,13 @@ def _kernel(module: str, name: str):
 
 def _loss(name):
     def get():
-        fn = _kernel("cross_entropy", name)()
+        fn = _kernel("loss", name)()
         return lambda hidden, weight, targets, ignore_index=-100, reduction="mean": fn(
             hidden, weight, targets, ignore_index=ignore_index, reduction=reduction)
     return get
 
 
-_NORM = {"torch": _kernel("rms_norm", "rms_norm_ref"), "triton": _kernel("rms_norm", "rms_norm")}
-_MLP = {"torch": _kernel("swiglu", "swiglu_ref"), "triton": _kernel("swiglu", "swiglu")}
+_NORM = {"torch": _kernel("norm", "rms_norm_ref"), "triton": _kernel("norm", "rms_norm")}
+_MLP = {"torch": _kernel("mlp", "swiglu_ref"), "triton": _kernel("mlp", "swiglu")}
 _ROPE = {"torch": _kernel("rope", "apply_rope_ref"), "triton": _kernel("rope", "apply_rope")}
 _LOSS = {"torch": _loss("fused_linear_cross_entropy_ref"), "triton": _loss("fused_linear_cross_entropy")}

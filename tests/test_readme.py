@@ -94,7 +94,7 @@ def test_kernels_three_line_example_runs():
     import torch
 
     from tritium.kernels import fused_linear_cross_entropy
-    from tritium.kernels.rms_norm import rms_norm, rms_norm_ref
+    from tritium.kernels.norm import rms_norm, rms_norm_ref
 
     torch.manual_seed(0)
     x, residual = torch.randn(2, 5, 48), torch.randn(2, 5, 48)

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from kernel_tolerances import assert_close_rule, dtype_params
 
-import tritium.kernels.cross_entropy as ce_mod
-from tritium.kernels.cross_entropy import (
+import tritium.kernels.loss as ce_mod
+from tritium.kernels.loss import (
     cross_entropy,
     cross_entropy_ref,
     fused_linear_cross_entropy,

@@ -118,9 +118,26 @@ def test_import_tritium_kernels_stays_light():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
-def test_package_exports_resolve_to_functions():
+PUBLIC_FUNCTIONS = ["rms_norm", "swiglu", "swiglu_mlp", "cross_entropy", "fused_linear_cross_entropy", "apply_rope",
+                    "rope_cos_sin", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+
+
+@pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)
+def test_package_exports_the_callable(name):
     import tritium.kernels as k
-    from tritium.kernels.rms_norm import rms_norm  # its name is the submodule's, see __init__
-    assert callable(k.fused_linear_cross_entropy) and callable(k.apply_rope) and callable(k.swiglu_mlp)
-    import tritium.kernels.rms_norm as rms_module  # must stay the module whatever was imported before
-    assert rms_module.rms_norm is rms_norm
+    fn = getattr(k, name)
+    assert callable(fn) and not isinstance(fn, type(k)), f"tritium.kernels.{name} is {fn!r}, not the function"
+    exec(f"from tritium.kernels import {name} as imported", ns := {})
+    assert ns["imported"] is fn
+
+
+def test_package_functions_are_callable_as_documented():
+    from tritium.kernels import cross_entropy, rms_norm, swiglu
+    x, w = torch.randn(3, 8), torch.randn(8)
+    torch.testing.assert_close(rms_norm(x, w), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w)
+    g, u = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(swiglu(g, u), torch.nn.functional.silu(g) * u)
+    logits, targets = torch.randn(4, 11), torch.randint(0, 11, (4,))
+    torch.testing.assert_close(cross_entropy(logits, targets), torch.nn.functional.cross_entropy(logits, targets))
+    import tritium.kernels.norm as norm_module  # the submodule stays a module whatever was imported first
+    assert norm_module.rms_norm is rms_norm

@@ -15,15 +15,15 @@ import pytest
 
 # (module, kernel, constexpr variants): every flag combination that the launchers use.
 CASES = [
-    ("rms_norm", "_rms_norm_fwd_kernel", [{"BLOCK_N": 1024, "HAS_RESIDUAL": r, "SINGLE_BLOCK": s}
+    ("norm", "_rms_norm_fwd_kernel", [{"BLOCK_N": 1024, "HAS_RESIDUAL": r, "SINGLE_BLOCK": s}
                                           for r in (False, True) for s in (False, True)]),
-    ("rms_norm", "_rms_norm_bwd_kernel", [{"BLOCK_N": 1024, "HAS_DRESIDUAL": r, "SINGLE_BLOCK": s}
+    ("norm", "_rms_norm_bwd_kernel", [{"BLOCK_N": 1024, "HAS_DRESIDUAL": r, "SINGLE_BLOCK": s}
                                           for r in (False, True) for s in (False, True)]),
-    ("swiglu", "_swiglu_fwd_kernel", [{"BLOCK_N": 1024}]),
-    ("swiglu", "_swiglu_bwd_kernel", [{"BLOCK_N": 1024}]),
+    ("mlp", "_swiglu_fwd_kernel", [{"BLOCK_N": 1024}]),
+    ("mlp", "_swiglu_bwd_kernel", [{"BLOCK_N": 1024}]),
     ("rope", "_rope_kernel", [{"HALF": 64, "BLOCK_HALF": 64, "BLOCK_HQ": 32, "BLOCK_HKV": 8,
                                "HAS_POSITION_IDS": p, "BACKWARD": b} for p in (False, True) for b in (False, True)]),
-    ("cross_entropy", "_cross_entropy_kernel", [
+    ("loss", "_cross_entropy_kernel", [
         {"BLOCK_V": 4096, "HAS_LSE": False, "COMPUTE_LOSS": True, "COMPUTE_GRAD": g, "HAS_SCALE": g,
          "HAS_SMOOTHING": s} for g in (False, True) for s in (False, True)] + [
         {"BLOCK_V": 4096, "HAS_LSE": True, "COMPUTE_LOSS": False, "COMPUTE_GRAD": True, "HAS_SCALE": True,
@@ -90,10 +90,10 @@ def test_public_functions_trace_in_one_graph(device):
     graphs eagerly, so no CPU code generation for Triton ops is involved."""
     import torch
 
-    from tritium.kernels.cross_entropy import cross_entropy, fused_linear_cross_entropy
-    from tritium.kernels.rms_norm import rms_norm
+    from tritium.kernels.loss import cross_entropy, fused_linear_cross_entropy
+    from tritium.kernels.norm import rms_norm
     from tritium.kernels.rope import apply_rope, rope_cos_sin
-    from tritium.kernels.swiglu import swiglu, swiglu_mlp
+    from tritium.kernels.mlp import swiglu, swiglu_mlp
 
     gen = torch.Generator().manual_seed(0)
 

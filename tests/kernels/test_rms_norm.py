@@ -3,8 +3,8 @@ import pytest
 import torch
 from kernel_tolerances import assert_close_rule, dtype_params
 
-import tritium.kernels.rms_norm as rms_mod
-from tritium.kernels.rms_norm import rms_norm, rms_norm_ref
+import tritium.kernels.norm as rms_mod
+from tritium.kernels.norm import rms_norm, rms_norm_ref
 
 SHAPES = [(1, 1), (7, 123), (2, 3, 3000), (1, 5000)]
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 from kernel_tolerances import assert_close_rule, dtype_params
 
-import tritium.kernels.swiglu as swiglu_mod
+import tritium.kernels.mlp as swiglu_mod
 from tritium.kernels.modules import SwiGLUMLP
-from tritium.kernels.swiglu import swiglu, swiglu_mlp, swiglu_mlp_ref, swiglu_ref
+from tritium.kernels.mlp import swiglu, swiglu_mlp, swiglu_mlp_ref, swiglu_ref
 
 
 def _grad_check(fn, ref_fn, inputs, dtype, names, seed):
