@@ -22,6 +22,15 @@ from typing import Any
 
 import torch
 
+INT64_MAX = 2**63 - 1
+# torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]; derived seeds (n > 1, JSON retries) wrap into it.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` kept inside torch's seed range (wraps past 2**64 - 1), for per-choice seeds."""
+    return (seed + offset) % 2**64 if seed >= 0 else (seed + offset)
+
 
 @dataclass
 class SamplingParams:
@@ -66,8 +75,8 @@ class SamplingParams:
             fail("max_tokens", "an integer >= 1")
         if not is_num(self.temperature) or self.temperature < 0:
             fail("temperature", "a finite number >= 0 (0 = greedy)")
-        if not is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "an integer >= 0 (0 or -1 = off)")
+        if not is_int(self.top_k) or not 0 <= self.top_k <= INT64_MAX:
+            fail("top_k", f"an integer from 0 to {INT64_MAX} (0 or -1 = off)")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "in (0, 1]")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
@@ -77,8 +86,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 fail(name, "in [-2, 2]")
-        if self.seed is not None and not is_int(self.seed):
-            fail("seed", "an integer or None")
+        if self.seed is not None and (not is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            fail("seed", f"an integer from {SEED_MIN} to {SEED_MAX} (torch.Generator's range) or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "a string or a sequence of non-empty strings")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -114,11 +123,15 @@ class SamplingParams:
 
 
 # --------------------------------------------------------------------------- processors
-# Each takes logits (B, V) in fp32 and per-row settings, returns new logits with
-# filtered-out entries at -inf.  A setting that means "off" leaves its row untouched.
+# Each takes logits (B, V) and per-row settings, returns new logits with filtered-out entries at -inf.
+# A setting that means "off" leaves its row untouched.  ``process_logits`` runs them in float64 on rows
+# shifted so their maximum is 0: then a temperature as small as 1e-45 (or 5e-324) divides 0 by t for the
+# best token and sends the others to -inf, instead of overflowing to inf/inf = NaN, and every row keeps at
+# least one finite entry, so its softmax is a finite, normalised distribution.
 
 def _as_column(values: Sequence[float] | torch.Tensor | float, logits: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or logits.dtype
     if isinstance(values, torch.Tensor):
         return values.to(device=logits.device, dtype=dtype).reshape(-1, 1)
     if isinstance(values, (int, float)):
@@ -131,16 +144,30 @@ def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, context_m
     """Repetition (over prompt+output, ``context_mask`` (B, V) bool) and presence/frequency (over the
     output, ``output_counts`` (B, V) counts) penalties."""
     rep = _as_column(repetition_penalty, logits)
-    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    # logit * rep only where logit < 0: a -inf or 0 logit times a huge penalty must not become NaN.
+    penalised = torch.where(logits > 0, logits / rep, torch.where(logits < 0, logits * rep, logits))
     logits = torch.where(context_mask, penalised, logits)
     counts = output_counts.to(logits.dtype)
     logits = logits - _as_column(frequency_penalty, logits) * counts
     return logits - _as_column(presence_penalty, logits) * (counts > 0).to(logits.dtype)
 
 
+def shift_to_max(logits: torch.Tensor) -> torch.Tensor:
+    """Rows shifted so their maximum is exactly 0 (softmax-invariant). NaN counts as -inf; a row holding
+    +inf keeps only its +inf entries (they outweigh everything); a row of only -inf becomes uniform."""
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    top = logits.max(dim=-1, keepdim=True).values
+    pos_inf = torch.isposinf(logits)
+    shifted = torch.where(torch.isfinite(top), logits - torch.where(torch.isfinite(top), top, 0.0), logits)
+    shifted = torch.where(torch.isposinf(top), torch.where(pos_inf, 0.0, float("-inf")), shifted)
+    return torch.where(torch.isneginf(top), torch.zeros_like(shifted), shifted)
+
+
 def top_k_filter(logits: torch.Tensor, top_k) -> torch.Tensor:
     """Keep the ``top_k`` largest logits of each row (0 = keep all); ties at the k-th value are kept."""
     vocab = logits.shape[-1]
+    if not isinstance(top_k, torch.Tensor):  # clamp in Python: a top_k up to 2**63 - 1 must not overflow
+        top_k = [min(int(k), vocab) for k in ([top_k] * logits.shape[0] if isinstance(top_k, int) else top_k)]
     k = _as_column(top_k, logits, torch.long).clamp(min=0)
     k = torch.where(k == 0, torch.full_like(k, vocab), k).clamp(max=vocab)
     sorted_logits = logits.sort(dim=-1, descending=True).values
@@ -152,13 +179,15 @@ def top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``top_p`` (1 = keep all).
 
     A token is kept when the mass strictly before it (in descending order) is below top_p, so the most
-    likely token always survives.
+    likely token always survives; the stable sort puts the lowest id first among ties, as argmax does,
+    so top_p -> 0+ keeps exactly the greedy token.
     """
     p = _as_column(top_p, logits)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     remove_sorted = (mass_before >= p) & (p < 1.0)
+    remove_sorted[:, 0] = False  # rounding in the cumsum must never drop the top token
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
 
@@ -174,23 +203,36 @@ def min_p_filter(logits: torch.Tensor, min_p) -> torch.Tensor:
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
                    output_counts: torch.Tensor | None = None,
                    context_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """All processors for a batch of rows with per-row params (fp32 in, fp32 out)."""
-    logits = logits.float()
+    """All processors for a batch of rows with per-row params: (B, V) in, (B, V) fp32 out, each row
+    shifted so its maximum is 0 (the same distribution as the unshifted logits)."""
+    logits = logits.double()
     if output_counts is not None and any(p.needs_penalties for p in params):
         logits = apply_penalties(logits, output_counts, context_mask,
                                  [p.repetition_penalty for p in params],
                                  [p.presence_penalty for p in params],
                                  [p.frequency_penalty for p in params])
+    logits = shift_to_max(logits)
     temperature = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     if any(t != 1.0 for t in temperature):
-        logits = logits / _as_column(temperature, logits)
+        logits = logits / _as_column(temperature, logits)  # max stays 0: (0 / t) = 0 for every t > 0
     if any(p.top_k > 0 for p in params):
         logits = top_k_filter(logits, [p.top_k for p in params])
     if any(p.top_p < 1.0 for p in params):
         logits = top_p_filter(logits, [p.top_p for p in params])
     if any(p.min_p > 0 for p in params):
         logits = min_p_filter(logits, [p.min_p for p in params])
-    return logits
+    return logits.float()
+
+
+def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams],
+                   output_counts: torch.Tensor | None = None,
+                   context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution each row is drawn from, (B, V) fp32: one-hot at the argmax for greedy rows."""
+    processed = process_logits(logits, params, output_counts, context_mask)
+    probs = processed.softmax(dim=-1)
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    one_hot = torch.zeros_like(probs).scatter(-1, processed.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, probs)
 
 
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -204,7 +246,7 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     """
     if logits.dim() != 2 or logits.shape[0] != len(params):
         raise ValueError(f"logits must be (B, V) with B = len(params) = {len(params)}, got {tuple(logits.shape)}")
-    raw = logits.float()
+    raw = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     greedy_rows = [p.greedy for p in params]
     if all(greedy_rows) and (output_counts is None or not any(p.needs_penalties for p in params)):
         tokens = raw.argmax(dim=-1)
@@ -224,5 +266,5 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
             tokens = torch.where(sampled_mask, drawn, tokens)
     logprobs = None
     if any(p.logprobs for p in params):
-        logprobs = raw.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        logprobs = shift_to_max(raw).log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
