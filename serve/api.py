@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import hmac
 import inspect
-import json
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tritium.serve.detokenizer import bytes_to_token_text, token_bytes
 from tritium.serve.metrics import ServeMetrics
 from tritium.serve.policy import Policy, PolicyViolation
 from tritium.serve.protocol import (
@@ -44,6 +45,7 @@ from tritium.serve.protocol import (
     error_body,
     full_response,
     new_id,
+    parse_json,
     parse_request,
     sampling_error_param,
     sse,
@@ -109,7 +111,7 @@ class _Event:
     error: ServeError | None = None  # the choice failed (e.g. JSON schema after retries)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: jobs live in a set
 class _Job:
     """One HTTP request's generations: one engine request per (prompt, n) choice."""
 
@@ -124,6 +126,19 @@ class _Job:
     tasks: list[asyncio.Task] = field(default_factory=list)
     completion_tokens: dict[int, int] = field(default_factory=dict)
     done: bool = False  # the stream reached data: [DONE]
+    ended: set[int] = field(default_factory=set)  # choices whose last event (finish or error) is queued
+
+    def put(self, event: _Event) -> None:
+        if event.error is not None or event.finish_reason:
+            self.ended.add(event.index)
+        self.queue.put_nowait(event)
+
+    def fail_remaining(self, error: ServeError) -> None:
+        """End every unfinished choice with ``error`` (shutdown after the grace period)."""
+        self.cancel()
+        for index in range(self.num_choices):
+            if index not in self.ended:
+                self.put(_Event(index, error=error))
 
     @property
     def prompt_tokens(self) -> int:
@@ -156,8 +171,41 @@ class _Server:
             self.docs = DocIndex.from_dir(config.docs_dir, chunk_chars=config.retrieval_chunk_chars)
         self.metrics = ServeMetrics(self._stats)
         self.in_flight = 0  # choices admitted and not finished
+        self.jobs: set[_Job] = set()  # admitted requests whose response is not finished
         self.ready = False
         self.draining = False
+        self.fatal_error: str | None = None  # the engine failed for good; the process should exit non-zero
+        self.exit_hook: Any = None  # set by `tritium serve`: asks uvicorn to exit (after a fatal engine error)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once started
+        if hasattr(self.engine, "on_fatal"):
+            self.engine.on_fatal = self._engine_failed
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        # Runs on the engine thread: only flips flags and asks the server to exit.
+        self.fatal_error = f"{type(exc).__name__}: {exc}"
+        self.ready = False
+        if self.exit_hook is not None:
+            self.exit_hook()
+
+    @property
+    def engine_error(self) -> str | None:
+        return self.fatal_error or getattr(self.engine, "error", None)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting (503), give in-flight requests ``grace_s`` to finish, then end the rest with a
+        503 error (JSON, or an SSE error event and ``data: [DONE]``) and wait for those answers to go out."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.jobs:
+            error = ServeError(503, f"the server is shutting down; the request did not finish within the "
+                               f"{grace_s:g} s shutdown grace period", kind="shutting_down", code="shutting_down")
+            for job in list(self.jobs):
+                job.fail_remaining(error)
+            deadline = time.monotonic() + 5
+            while self.jobs and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
 
     def _stats(self) -> dict[str, Any]:
         return self.engine.stats() if hasattr(self.engine, "stats") else self.llm.stats()
@@ -188,10 +236,7 @@ class _Server:
             if size > limit:
                 raise too_large
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"invalid JSON in request body: {exc}", code="invalid_json") from None
+        return parse_json(b"".join(chunks))
 
     def prepare(self, body: Any, *, chat: bool, endpoint: str, t0: float) -> _Job:
         from tritium.serve.sampling import SamplingParams
@@ -305,6 +350,9 @@ class _Server:
 
     # ------------------------------------------------------------------ running a job
     def admit(self, job: _Job) -> None:
+        if self.engine_error is not None:
+            raise ServeError(503, f"the engine failed and the server is exiting: {self.engine_error}",
+                             kind="engine_failed", code="engine_failed")
         if self.draining:
             raise ServeError(503, "the server is shutting down", kind="shutting_down", code="shutting_down")
         if self.in_flight + job.num_choices > self.capacity:
@@ -313,6 +361,7 @@ class _Server:
                              kind="queue_full", code="queue_full",
                              headers={"Retry-After": str(self.config.retry_after_s)})
         self.in_flight += job.num_choices
+        self.jobs.add(job)
         self.metrics.in_flight.set(self.in_flight)
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         for p_index, (ids, params) in enumerate(zip(job.prompts, job.params)):
@@ -322,7 +371,9 @@ class _Server:
                 if job.req.n > 1 and params.seed is not None:
                     import dataclasses
 
-                    choice_params = dataclasses.replace(params, seed=params.seed + k)  # distinct samples
+                    from tritium.serve.sampling import offset_seed
+
+                    choice_params = dataclasses.replace(params, seed=offset_seed(params.seed, k))  # distinct
                 task = asyncio.create_task(self._run_choice(job, index, ids, choice_params))
                 task.add_done_callback(self._choice_done)
                 job.tasks.append(task)
@@ -330,26 +381,29 @@ class _Server:
     async def _run_choice(self, job: _Job, index: int, ids: list[int], params: Any) -> None:
         try:
             if self.policy is not None and self.policy.wants_json:
-                job.queue.put_nowait(await self._generate_json(job, index, ids, params))
+                job.put(await self._generate_json(job, index, ids, params))
             else:
                 async with contextlib.aclosing(self._generate(job, index, ids, params, attempt=0)) as events:
                     async for event in events:
-                        job.queue.put_nowait(event)
+                        job.put(event)
         except ServeError as exc:
-            job.queue.put_nowait(_Event(index, error=exc))
+            job.put(_Event(index, error=exc))
         except asyncio.CancelledError:
             raise
         except ValueError as exc:  # the engine refused the request
-            job.queue.put_nowait(_Event(index, error=bad_request(str(exc))))
+            job.put(_Event(index, error=bad_request(str(exc))))
         except RuntimeError as exc:
-            if self.draining or "shutting down" in str(exc):
+            if self.engine_error is not None:
+                error = ServeError(503, f"the engine failed and the server is exiting: {self.engine_error}",
+                                   kind="engine_failed", code="engine_failed")
+            elif self.draining or "shutting down" in str(exc):
                 error = ServeError(503, "the server is shutting down", kind="shutting_down")
             else:
                 error = ServeError(500, f"generation failed: {exc}", kind="internal")
-            job.queue.put_nowait(_Event(index, error=error))
-        except Exception as exc:  # noqa: BLE001 - reported to the client as a 500, never lost
-            job.queue.put_nowait(_Event(index, error=ServeError(500, f"generation failed: {type(exc).__name__}: "
-                                                                    f"{exc}", kind="internal")))
+            job.put(_Event(index, error=error))
+        except Exception as exc:  # noqa: BLE001 - this choice alone fails, as a 500; never lost
+            job.put(_Event(index, error=ServeError(500, f"generation failed: {type(exc).__name__}: {exc}",
+                                                   kind="internal", code="generation_failed")))
 
     def _choice_done(self, task: asyncio.Task) -> None:
         # A done-callback, not a finally: a task cancelled before it ever ran skips its body.
@@ -368,6 +422,10 @@ class _Server:
             stream = await stream
         try:
             async for out in stream:
+                if getattr(out, "error", None):
+                    finished = True
+                    raise ServeError(500, f"generation failed for this request: {out.error}", kind="internal",
+                                     code="generation_failed")
                 now = time.perf_counter()
                 new = len(out.new_token_ids)
                 if new:
@@ -429,6 +487,8 @@ class _Server:
                          f"{reason}", kind="policy", code="output_json_schema")
 
     def _logprob_entries(self, out: Any, new: int, params: Any) -> list[dict[str, Any]] | None:
+        """One entry per new token, from the token's own bytes (a byte-fallback piece is its one byte),
+        so the ``bytes`` of a reply's tokens concatenate to the UTF-8 of its text."""
         if not out.logprobs or not new:
             return None
         pairs = list(zip(out.token_ids[-new:], out.logprobs[-new:], strict=True))
@@ -437,9 +497,11 @@ class _Server:
             pairs.pop()  # like OpenAI: the stop token is not part of the answer's logprobs
         entries = []
         for token_id, logprob in pairs:
-            token = self.tokenizer.decode([token_id])
-            entries.append({"token": token, "logprob": float(logprob), "bytes": list(token.encode()),
-                            "top_logprobs": []})
+            data = token_bytes(self.tokenizer, token_id)
+            # JSON has no -inf/NaN: OpenAI reports an impossible token as -9999.0
+            value = float(logprob) if math.isfinite(logprob) else -9999.0
+            entries.append({"token": bytes_to_token_text(data), "logprob": max(value, -9999.0),
+                            "bytes": list(data), "top_logprobs": []})
         return entries
 
     async def events(self, job: _Job) -> AsyncIterator[_Event]:
@@ -485,6 +547,7 @@ class _Server:
             watcher.cancel()
             collector.cancel()
             job.cancel()
+            self.jobs.discard(job)
 
     async def stream(self, job: _Job) -> AsyncIterator[bytes]:
         writer = ChunkWriter(job.req, job.rid, self.config.model_name)
@@ -545,15 +608,14 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig | None = None) -
     async def lifespan(app: Any) -> AsyncIterator[None]:
         server.engine.start()
         server.ready = True
+        server.loop = asyncio.get_running_loop()
         try:
             yield
         finally:
             server.ready = False
-            server.draining = True
-            deadline = time.monotonic() + config.shutdown_grace_s
-            while server.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            # Whatever is still running after the grace period is aborted.
+            # `tritium serve` drains on the first signal, while connections are still open; a server
+            # stopped otherwise drains here (a no-op when nothing is left).
+            await server.drain(config.shutdown_grace_s)
             await asyncio.to_thread(server.engine.shutdown, graceful=False)
 
     app = FastAPI(title="tritium", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -618,10 +680,16 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig | None = None) -
 
     @app.get("/health")
     async def health() -> Any:
+        # Liveness: 503 once the engine has failed for good (the process is exiting), so a supervisor
+        # never sees a healthy server that answers every request with an error.
+        if server.engine_error is not None:
+            return JSONResponse({"status": "error", "error": server.engine_error}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready() -> Any:
+        if server.engine_error is not None:
+            return JSONResponse({"status": "error", "error": server.engine_error}, status_code=503)
         if server.ready and not server.draining:
             return {"status": "ready", "model": config.model_name}
         return JSONResponse({"status": "draining" if server.draining else "starting"}, status_code=503)
@@ -646,6 +714,7 @@ def create_app(engine: Any, tokenizer: Any, config: ServeConfig | None = None) -
             finally:
                 # Starlette returns normally when it notices a disconnect (it cancels the body
                 # iterator), so "finished" is judged by whether [DONE] went out.
+                self.srv.jobs.discard(self.job)
                 if not self.job.done:
                     self.srv.metrics.errors.labels("client_disconnected").inc()
                     self.job.cancel()

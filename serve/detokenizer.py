@@ -17,9 +17,37 @@ held back, so the concatenated stream always equals the final text.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The UTF-8 bytes ``token_id`` contributes to decoded text (what logprobs' ``bytes`` report).
+
+    A sentencepiece byte-fallback piece ``<0xC3>`` is the single byte 0xC3 -- decoding it alone would
+    render U+FFFD -- so the bytes of a completion's tokens concatenate to the UTF-8 of its text.  Other
+    pieces are decoded alone (tritium's tokenizers keep every space: no dummy prefix, no whitespace
+    folding); control tokens (bos/eos/pad) contribute nothing, ids past the tokenizer nothing either.
+    """
+    if not 0 <= token_id < getattr(tokenizer, "vocab_size", token_id + 1):
+        return b""
+    piece = tokenizer.id_to_piece(token_id) if hasattr(tokenizer, "id_to_piece") else None
+    match = _BYTE_PIECE.fullmatch(piece) if isinstance(piece, str) else None
+    if match:
+        return bytes([int(match.group(1), 16)])
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+def bytes_to_token_text(data: bytes) -> str:
+    """A token's ``token`` string: its text, or OpenAI's ``bytes:\\xc3`` form when its bytes are not
+    whole UTF-8 characters (one byte of a multi-byte character)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 class IncrementalDetokenizer:

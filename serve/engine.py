@@ -28,7 +28,7 @@ import bisect
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,10 +46,11 @@ class RequestOutput:
     token_ids: list[int]  # all completion tokens so far
     text: str  # all completion text so far (== concatenation of the deltas)
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     logprobs: list[float] | None  # aligned with token_ids when requested
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # set with finish_reason "error": why this request (alone) failed
 
 
 @dataclass(eq=False)
@@ -84,7 +85,7 @@ class _Request:
             token_ids=list(state.output_ids), text=state.text, finished=state.finished,
             finish_reason=state.finish_reason,
             logprobs=list(state.logprobs) if state.logprobs is not None else None,
-            prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids))
+            prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids), error=state.error)
         self.new_token_ids, self.text_delta = [], ""
         return out
 
@@ -132,7 +133,10 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []  # finished by abort_request, reported by the next step()
         self._counters = {"num_preemptions": 0, "num_finished": 0, "tokens_generated": 0, "prompt_tokens_processed": 0,
-                              "num_steps": 0}
+                              "num_steps": 0, "num_request_errors": 0, "num_step_errors": 0}
+        # Batched-forward failures in a row (reset by a good step); AsyncEngine gives up past a limit.
+        self.consecutive_step_errors = 0
+        self.last_step_error: str | None = None
 
     # ------------------------------------------------------------------ requests
     def validate_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -250,6 +254,35 @@ class LLMEngine:
         self.cache.free(request.request_id)
         self._counters["num_finished"] += 1
 
+    def _fail(self, request: _Request, error: BaseException | str) -> RequestOutput:
+        """Finish one request with finish_reason "error"; the others keep running."""
+        request.state.fail(error)
+        if request in self._running:
+            self._finish(request)
+        else:
+            self._requests.pop(request.request_id, None)
+            if request in self._waiting:
+                self._waiting.remove(request)
+            self.cache.free(request.request_id)
+        self._counters["num_request_errors"] += 1
+        return request.output()
+
+    def _sample_rows(self, sampled: list[tuple[_Request, torch.Tensor]]) -> list[tuple[int, float | None] | Exception]:
+        """(token, logprob) per row; if the batched call fails, rows are retried one by one so only the
+        row that fails gets an exception."""
+        try:
+            tokens, logprobs = sample_for([r.state for r, _ in sampled], torch.stack([l for _, l in sampled]))
+            return list(zip(tokens, logprobs))
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            results: list[tuple[int, float | None] | Exception] = []
+            for request, row_logits in sampled:
+                try:
+                    tokens, logprobs = sample_for([request.state], row_logits[None])
+                    results.append((tokens[0], logprobs[0]))
+                except Exception as exc:  # noqa: BLE001 - this request alone fails
+                    results.append(exc)
+            return results
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs = [r.output() for r in self._aborted]
@@ -257,24 +290,41 @@ class LLMEngine:
         decodes = self._schedule_decodes()
         prefills = self._schedule_prefills()
         sampled: list[tuple[_Request, torch.Tensor]] = []
-        if decodes:
-            logits = self._forward([(r, 1) for r in decodes])
-            for request in decodes:
-                request.num_computed += 1
-            sampled.extend(zip(decodes, logits))
-        if prefills:
-            logits = self._forward(prefills)
-            for (request, chunk), row_logits in zip(prefills, logits):
-                request.num_computed += chunk
-                self._counters["prompt_tokens_processed"] += chunk
-                if request.pending == 0:
-                    sampled.append((request, row_logits))
+        try:
+            if decodes:
+                logits = self._forward([(r, 1) for r in decodes])
+                for request in decodes:
+                    request.num_computed += 1
+                sampled.extend(zip(decodes, logits))
+            if prefills:
+                logits = self._forward(prefills)
+                for (request, chunk), row_logits in zip(prefills, logits):
+                    request.num_computed += chunk
+                    self._counters["prompt_tokens_processed"] += chunk
+                    if request.pending == 0:
+                        sampled.append((request, row_logits))
+        except Exception as exc:  # noqa: BLE001 - engine-wide (OOM, device error): fail this step's requests
+            self._counters["num_step_errors"] += 1
+            self.consecutive_step_errors += 1
+            self.last_step_error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            for request in dict.fromkeys(decodes + [r for r, _ in prefills]):
+                outputs.append(self._fail(request, f"the batched forward pass failed: {self.last_step_error}"))
+            return outputs
+        self.consecutive_step_errors = 0
         self._counters["num_steps"] += 1
         if sampled:
-            requests = [r for r, _ in sampled]
-            tokens, logprobs = sample_for([r.state for r in requests], torch.stack([l for _, l in sampled]))
-            for request, token, logprob in zip(requests, tokens, logprobs):
-                request.text_delta += request.state.append(token, logprob)
+            for (request, _), result in zip(sampled, self._sample_rows(sampled)):
+                if isinstance(result, Exception):
+                    outputs.append(self._fail(request, result))
+                    continue
+                token, logprob = result
+                try:  # detokenizing and stop checks of this request alone
+                    request.text_delta += request.state.append(token, logprob)
+                except Exception as exc:  # noqa: BLE001 - this request alone fails
+                    outputs.append(self._fail(request, exc))
+                    continue
                 request.new_token_ids.append(token)
                 self._counters["tokens_generated"] += 1
                 if request.state.finished:
@@ -303,9 +353,15 @@ class AsyncEngine:
     travel back through ``loop.call_soon_threadsafe`` into one asyncio.Queue per request.
     """
 
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05, max_step_errors: int = 3,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
         self.idle_wait_s = idle_wait_s
+        # Batched forwards failing this many steps in a row = the engine is broken, not one request:
+        # the thread stops, ``error`` is set and ``on_fatal`` runs (the server then reports unhealthy
+        # and exits non-zero, so a supervisor restarts it).
+        self.max_step_errors = max_step_errors
+        self.on_fatal = on_fatal
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -337,6 +393,11 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine thread stopped for good (None while healthy)."""
+        return None if self._error is None else f"{type(self._error).__name__}: {self._error}"
 
     def stats(self) -> dict:
         return {**self._stats, "running": self.is_running}
@@ -425,6 +486,9 @@ class AsyncEngine:
                     for out in self.engine.step():
                         self._deliver(out.request_id, out, last=out.finished)
                     self._stats = self.engine.stats()
+                    if getattr(self.engine, "consecutive_step_errors", 0) >= self.max_step_errors:
+                        raise RuntimeError(f"{self.engine.consecutive_step_errors} engine steps failed in a row; "
+                                           f"last: {self.engine.last_step_error}")
                 else:
                     self._stats = self.engine.stats()
                     self._wakeup.wait(self.idle_wait_s)
@@ -435,6 +499,8 @@ class AsyncEngine:
                 request_ids = list(self._sinks)
             for request_id in request_ids:
                 self._deliver(request_id, RuntimeError(f"engine failed: {exc!r}"), last=True)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
             return
         with self._lock:  # anything left (e.g. an add that raced the shutdown) ends cleanly
             request_ids = list(self._sinks)

@@ -8,12 +8,15 @@ Unknown fields are ignored, as OpenAI's clients send new fields over time.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from tritium.serve.sampling import INT64_MAX, SEED_MAX, SEED_MIN
 
 # OpenAI error types by HTTP status (what the official clients map to exception classes).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -62,6 +65,51 @@ class ParsedRequest:
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams keyword arguments
     use_retrieval: bool = True  # extension: "retrieval": false skips --docs for this request
     logprobs: bool = False  # return the chosen tokens' log-probabilities
+
+
+MAX_JSON_DEPTH = 32  # OpenAI's bodies nest 4 deep (messages[i].content[j].text); 32 leaves room
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse a request body: invalid JSON, nesting deeper than ``MAX_JSON_DEPTH`` and text that is not
+    valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``, which JSON allows) are 400s naming the
+    place, so nothing malformed reaches the tokenizer or the engine."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # CPython's parser recurses per level: a deep enough body overflows it
+        raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json") \
+            from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"invalid JSON in request body: {exc}", code="invalid_json") from None
+    check_json_value(body)
+    return body
+
+
+def check_json_value(value: Any) -> None:
+    """Depth limit and valid-Unicode check over a parsed body, iteratively (no recursion to overflow)."""
+    stack = [(value, 1, "")]
+    while stack:
+        item, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep (at {path})",
+                              path.split("[")[0].split(".")[0] or None, code="invalid_json")
+        if isinstance(item, str):
+            _check_text(item, path)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key, f"{path}.{key!a}" if path else repr(key))
+                stack.append((child, depth + 1, f"{path}.{key}" if path else key))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(item))
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{path or 'request body'} holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x} "
+                          f"at character {exc.start}); text must be valid Unicode", path or None,
+                          code="invalid_text") from None
 
 
 def parse_request(body: Any, *, chat: bool, max_n: int) -> ParsedRequest:
@@ -131,12 +179,24 @@ def parse_request(body: Any, *, chat: bool, max_n: int) -> ParsedRequest:
         sampling[name] = float(value)
     if "temperature" in sampling and not 0 <= sampling["temperature"] <= 2:
         raise bad_request(f"'temperature' must be in [0, 2], got {sampling['temperature']}", "temperature")
-    for name in ("top_k", "seed"):
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in sampling and not -2 <= sampling[name] <= 2:
+            raise bad_request(f"'{name}' must be in [-2, 2], got {sampling[name]}", name)
+    if "top_p" in sampling and not 0 < sampling["top_p"] <= 1:
+        raise bad_request(f"'top_p' must be in (0, 1], got {sampling['top_p']}", "top_p")
+    if "min_p" in sampling and not 0 <= sampling["min_p"] <= 1:
+        raise bad_request(f"'min_p' must be in [0, 1], got {sampling['min_p']}", "min_p")
+    if "repetition_penalty" in sampling and not sampling["repetition_penalty"] > 0:
+        raise bad_request(f"'repetition_penalty' must be > 0, got {sampling['repetition_penalty']}",
+                          "repetition_penalty")
+    for name, low, high in (("top_k", -1, INT64_MAX), ("seed", SEED_MIN, SEED_MAX)):
         value = body.get(name)
         if value is None:
             continue
         if not _is_int(value):
             raise bad_request(f"'{name}' must be an integer, got {value!r}", name, "invalid_type")
+        if not low <= value <= high:
+            raise bad_request(f"'{name}' must be an integer from {low} to {high}, got {value}", name)
         sampling[name] = value
     stop = body.get("stop")
     if stop is not None:
@@ -147,7 +207,7 @@ def parse_request(body: Any, *, chat: bool, max_n: int) -> ParsedRequest:
         sampling["stop"] = tuple(stop_list)
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None:
-        if not isinstance(stop_ids, list) or not all(_is_int(i) and i >= 0 for i in stop_ids):
+        if not isinstance(stop_ids, list) or not all(_is_int(i) and 0 <= i <= INT64_MAX for i in stop_ids):
             raise bad_request("'stop_token_ids' must be a list of token ids", "stop_token_ids")
         sampling["stop_token_ids"] = tuple(stop_ids)
     ignore_eos = body.get("ignore_eos")
@@ -248,15 +308,18 @@ def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None
     return None if entries is None else {"content": entries, "refusal": None}
 
 
-def completion_logprobs(entries: list[dict[str, Any]] | None, offset: int = 0) -> dict[str, Any] | None:
+def completion_logprobs(entries: list[dict[str, Any]] | None, before: bytes = b"") -> dict[str, Any] | None:
+    """The legacy completions logprobs object; ``before`` is the UTF-8 of the choice's earlier tokens.
+
+    ``text_offset`` is a character offset into the text, counted from the tokens' own bytes (a token
+    that ends inside a multi-byte character starts where that character starts)."""
     if entries is None:
         return None
-    tokens = [e["token"] for e in entries]
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+    offsets, seen = [], bytearray(before)
+    for e in entries:
+        offsets.append(len(bytes(seen).decode("utf-8", errors="ignore")))
+        seen += bytes(e["bytes"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{} for _ in entries], "text_offset": offsets}
 
 
@@ -284,7 +347,7 @@ class ChunkWriter:
         self.rid = rid
         self.model = model
         self.created = int(time.time())
-        self.text_offsets: dict[int, int] = {}
+        self.token_bytes: dict[int, bytes] = {}  # per choice: UTF-8 of the tokens streamed so far
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         chunk = {"id": self.rid, "object": "chat.completion.chunk" if self.req.chat else "text_completion",
@@ -307,9 +370,9 @@ class ChunkWriter:
             choice = {"index": index, "delta": {"content": text} if text else {},
                       "logprobs": chat_logprobs(logprobs), "finish_reason": finish_reason}
         else:
-            offset = self.text_offsets.get(index, 0)
-            self.text_offsets[index] = offset + len(text)
-            choice = {"index": index, "text": text, "logprobs": completion_logprobs(logprobs, offset),
+            before = self.token_bytes.get(index, b"")
+            self.token_bytes[index] = before + b"".join(bytes(e["bytes"]) for e in logprobs or [])
+            choice = {"index": index, "text": text, "logprobs": completion_logprobs(logprobs, before),
                       "finish_reason": finish_reason}
         return self._chunk([choice], **extra)
 
@@ -320,8 +383,6 @@ class ChunkWriter:
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
-    import json
-
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return f"data: {payload}\n\n".encode()
 

@@ -61,7 +61,10 @@ class SequenceState:
         self.generator = params.make_generator(device)
         self.tracker = TextTracker(tokenizer, params.stop)
         self.stop_ids = stop_token_set(tokenizer, params)
+        # ids at or past the tokenizer's size (a padded embedding/head) are never sampled
+        self.vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -97,6 +100,12 @@ class SequenceState:
         self.finish_reason = "abort"
         return self.tracker.finish()
 
+    def fail(self, error: BaseException | str) -> None:
+        """End this request alone after a fault in its own handling (sampling, detokenizing, stop checks):
+        ``finish_reason`` "error", no more text (the tracker may be what failed)."""
+        self.finish_reason = "error"
+        self.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+
 
 def penalty_tensors(states: Sequence[SequenceState], vocab_size: int, device: torch.device
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -114,7 +123,15 @@ def penalty_tensors(states: Sequence[SequenceState], vocab_size: int, device: to
 
 
 def sample_for(states: Sequence[SequenceState], logits: torch.Tensor) -> tuple[list[int], list[float | None]]:
-    """Sample one token for each state from its row of ``logits`` (B, V)."""
+    """Sample one token for each state from its row of ``logits`` (B, V).
+
+    Columns at or past the tokenizer's size (a model whose embedding/head is padded beyond the
+    tokenizer, e.g. 2112 rows for 2048 pieces) are masked to -inf: they have no text.
+    """
+    limit = min((s.vocab_size for s in states if s.vocab_size), default=None)
+    if limit is not None and logits.shape[-1] > limit:
+        logits = logits.clone()
+        logits[:, limit:] = float("-inf")
     counts, context = penalty_tensors(states, logits.shape[-1], logits.device)
     tokens, logprobs = sample_next(logits, [s.params for s in states], [s.generator for s in states],
                                    counts, context)
