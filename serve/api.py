@@ -399,11 +399,10 @@ class _Server:
             elif self.draining or "shutting down" in str(exc):
                 error = ServeError(503, "the server is shutting down", kind="shutting_down")
             else:
-                error = ServeError(500, f"generation failed: {exc}", kind="internal")
+                error = _request_failed(exc)
             job.put(_Event(index, error=error))
         except Exception as exc:  # noqa: BLE001 - this choice alone fails, as a 500; never lost
-            job.put(_Event(index, error=ServeError(500, f"generation failed: {type(exc).__name__}: {exc}",
-                                                   kind="internal", code="generation_failed")))
+            job.put(_Event(index, error=_request_failed(exc)))
 
     def _choice_done(self, task: asyncio.Task) -> None:
         # A done-callback, not a finally: a task cancelled before it ever ran skips its body.
@@ -424,8 +423,7 @@ class _Server:
             async for out in stream:
                 if getattr(out, "error", None):
                     finished = True
-                    raise ServeError(500, f"generation failed for this request: {out.error}", kind="internal",
-                                     code="generation_failed")
+                    raise _request_failed(out.error)
                 now = time.perf_counter()
                 new = len(out.new_token_ids)
                 if new:
@@ -579,6 +577,13 @@ class _Server:
 
     def _count_error(self, exc: ServeError) -> None:
         self.metrics.errors.labels(exc.kind).inc()
+
+
+def _request_failed(exc: BaseException | str) -> ServeError:
+    """The 500 for a fault in handling one request (the server keeps serving the others)."""
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return ServeError(500, f"generation failed for this request: {reason}", kind="internal",
+                      code="generation_failed")
 
 
 def _as_async_engine(engine: Any) -> Any:

@@ -16,8 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--model-name", default="tritium", help="model id clients send and /v1/models lists")
-    parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $TRITIUM_API_KEY)")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 routes (visible in `ps`: prefer "
+                          "$TRITIUM_API_KEY or --api-key-file)")
+    key.add_argument("--api-key-file", default=None, metavar="FILE",
+                     help="read the API key from FILE (first line, surrounding whitespace stripped)")
     guard = parser.add_argument_group("limits and guardrails")
     guard.add_argument("--policy", metavar="FILE", default=None, help="guardrail policy (YAML or JSON)")
     guard.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
@@ -50,13 +54,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, else --api-key-file, else None (ServeConfig.from_env then reads $TRITIUM_API_KEY)."""
+    if args.api_key is not None:
+        return args.api_key
+    path = getattr(args, "api_key_file", None)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except OSError as exc:
+        raise ValueError(f"--api-key-file {path}: cannot read it ({exc.strerror})") from None
+    if not key:
+        raise ValueError(f"--api-key-file {path}: the file is empty")
+    return key
+
+
 def build_app(args: argparse.Namespace):
     """(app, config) for parsed ``tritium serve`` arguments (loads the checkpoint)."""
     from tritium.serve.api import ServeConfig, create_app
     from tritium.serve.cli_generate import load_for_inference
     from tritium.serve.engine import LLMEngine
 
-    config = ServeConfig.from_env(model_name=args.model_name, api_key=args.api_key, max_tokens_cap=args.max_tokens_cap,
+    config = ServeConfig.from_env(model_name=args.model_name, api_key=read_api_key(args),
+                                  max_tokens_cap=args.max_tokens_cap,
                                   max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                   policy_file=args.policy, docs_dir=args.docs, retrieval_top_k=args.top_k_docs,
                                   shutdown_grace_s=args.shutdown_grace)
@@ -67,17 +89,46 @@ def build_app(args: argparse.Namespace):
 
 
 def make_server(app, host: str, port: int, grace_s: float, log_level: str = "info"):
-    """A uvicorn Server whose first shutdown signal also flips the app to draining (503 on new requests)."""
+    """A uvicorn Server that drains before it closes.
+
+    The first SIGTERM/SIGINT flips the app to draining while the socket stays open: new requests get a
+    503 JSON error, requests in flight get ``grace_s`` to finish, the rest end with a 503 (an SSE error
+    event then ``data: [DONE]`` on streams), and only then does uvicorn close.  A second signal exits at
+    once.  A fatal engine error makes the server exit too (``run`` then returns 1).
+    """
+    import asyncio
+
     import uvicorn
 
+    srv = app.state.server
+
     class DrainingServer(uvicorn.Server):
+        drain_task = None
+
         def handle_exit(self, sig, frame) -> None:
-            app.state.server.draining = True
+            loop = srv.loop
+            if self.drain_task is None and loop is not None and not self.should_exit:
+                srv.draining = True
+                # Signal handlers run between bytecodes of the loop's thread: schedule, don't await.
+                loop.call_soon_threadsafe(self._start_drain, sig, frame)
+                self.drain_task = True
+                return
             super().handle_exit(sig, frame)
 
+        def _start_drain(self, sig, frame) -> None:
+            self.drain_task = asyncio.ensure_future(self._drain_then_exit(sig, frame))
+
+        async def _drain_then_exit(self, sig, frame) -> None:
+            try:
+                await srv.drain(grace_s)
+            finally:
+                super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=max(1, int(grace_s)) if grace_s else None)
-    return DrainingServer(config)
+                            timeout_graceful_shutdown=5)
+    server = DrainingServer(config)
+    srv.exit_hook = lambda: setattr(server, "should_exit", True)
+    return server
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,4 +141,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"tritium serve: {config.model_name} on http://{args.host}:{args.port}/v1 "
           f"(api key {'required' if config.api_key else 'off'}, pid {os.getpid()})", file=sys.stderr)
     make_server(app, args.host, args.port, config.shutdown_grace_s, args.log_level).run()
+    if app.state.server.fatal_error is not None:
+        print(f"tritium serve: the engine failed, exiting so a supervisor can restart it: "
+              f"{app.state.server.fatal_error}", file=sys.stderr)
+        return 1
     return 0

@@ -46,9 +46,13 @@ def make_engine(max_num_seqs: int = 8, num_blocks: int | None = None) -> Any:
 
 
 class ServerThread:
-    """uvicorn on a pre-bound free 127.0.0.1 port, in a background thread."""
+    """uvicorn on a pre-bound free 127.0.0.1 port, in a background thread.
 
-    def __init__(self, app: Any):
+    ``drain_grace_s`` builds the server the way ``tritium serve`` does (``cli_serve.make_server``: the
+    first shutdown signal drains for that long before closing); ``sigterm()`` then sends it that signal.
+    """
+
+    def __init__(self, app: Any, drain_grace_s: float | None = None):
         import uvicorn
 
         self.app = app
@@ -57,8 +61,13 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        if drain_grace_s is not None:
+            from tritium.serve.cli_serve import make_server
+
+            self.server = make_server(app, "127.0.0.1", self.port, drain_grace_s, "warning")
+        else:
+            config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+            self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> ServerThread:
@@ -75,14 +84,22 @@ class ServerThread:
         self.thread.join(timeout=30)
         self.sock.close()
 
+    def sigterm(self) -> None:
+        """What SIGTERM does to ``tritium serve`` (handle_exit on the server's loop thread)."""
+        import signal
+
+        loop = self.app.state.server.loop
+        loop.call_soon_threadsafe(self.server.handle_exit, signal.SIGTERM, None)
+
 
 @contextmanager
-def running_server(config: Any = None, *, max_num_seqs: int = 8, num_blocks: int | None = None
-                   ) -> Iterator[ServerThread]:
+def running_server(config: Any = None, *, max_num_seqs: int = 8, num_blocks: int | None = None,
+                   engine: Any = None, drain_grace_s: float | None = None) -> Iterator[ServerThread]:
     from tritium.serve.api import ServeConfig, create_app
 
-    app = create_app(make_engine(max_num_seqs, num_blocks), tiny_tokenizer(), config or ServeConfig())
-    server = ServerThread(app).start()
+    engine = engine if engine is not None else make_engine(max_num_seqs, num_blocks)
+    app = create_app(engine, tiny_tokenizer(), config or ServeConfig())
+    server = ServerThread(app, drain_grace_s).start()
     try:
         yield server
     finally:
