@@ -495,3 +495,30 @@ def test_case7_shutdown_in_flight_ends_with_answer_or_clean_503(finish_in_grace)
                 assert_openai_error(r.json(), "server_error", "shutting_down")
         srv.thread.join(30)
         assert not srv.thread.is_alive()
+
+
+# ----------------------------------------------------------------------------- 12: the API key off the command line
+def test_case12_api_key_from_env_or_file(tmp_path, monkeypatch):
+    import argparse
+
+    from tritium.serve.api import API_KEY_ENV, ServeConfig
+    from tritium.serve.cli_serve import add_arguments, read_api_key
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    key_file = tmp_path / "api-key"
+    key_file.write_text("  s3cret-from-file \n")
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    from_file = parser.parse_args(["--checkpoint", "x", "--api-key-file", str(key_file)])
+    assert ServeConfig.from_env(api_key=read_api_key(from_file)).api_key == "s3cret-from-file"
+    plain = parser.parse_args(["--checkpoint", "x"])
+    assert read_api_key(plain) is None and ServeConfig.from_env(api_key=read_api_key(plain)).api_key == "from-env"
+    monkeypatch.delenv(API_KEY_ENV)
+    assert ServeConfig.from_env(api_key=read_api_key(plain)).api_key is None
+    with pytest.raises(SystemExit):  # one source on the command line
+        parser.parse_args(["--checkpoint", "x", "--api-key", "k", "--api-key-file", str(key_file)])
+    with pytest.raises(ValueError, match="--api-key-file .*cannot read"):
+        read_api_key(parser.parse_args(["--checkpoint", "x", "--api-key-file", str(tmp_path / "missing")]))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="--api-key-file .*empty"):
+        read_api_key(parser.parse_args(["--checkpoint", "x", "--api-key-file", str(tmp_path / "empty")]))
