@@ -79,7 +79,7 @@ def parse_json(raw: bytes) -> Any:
     except RecursionError:  # CPython's parser recurses per level: a deep enough body overflows it
         raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json") \
             from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and a number of over 4300 digits
         raise bad_request(f"invalid JSON in request body: {exc}", code="invalid_json") from None
     check_json_value(body)
     return body

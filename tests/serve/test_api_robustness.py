@@ -226,6 +226,39 @@ def test_fault_in_one_request_fails_it_alone(server, client, monkeypatch, stage)
     assert server.app.state.server.engine.stats()["running"]
 
 
+def test_engine_isolates_a_sampling_fault_to_its_row(monkeypatch):
+    """In one batch, the faulty request fails alone and every other request's tokens are exactly what a
+    clean run gives (the batched sampler falls back to per-row calls to find the culprit)."""
+    import tritium.serve.sequence as sequence
+    from tritium.serve.sampling import SamplingParams
+
+    tok = tiny_tokenizer()
+
+    def run(poisoned: bool):
+        engine = make_engine()
+        for i in range(4):
+            seed = POISON_SEED if poisoned and i == 2 else i
+            engine.add_request(f"r{i}", tok.encode(f"prompt {i}", bos=True),
+                               SamplingParams(max_tokens=6, seed=seed, ignore_eos=True))
+        return engine, engine.run_to_completion()
+
+    _, clean = run(False)
+    real = sequence.sample_next
+
+    def sample_next(logits, params, *args, **kwargs):
+        if any(p.seed == POISON_SEED for p in params):
+            raise FloatingPointError("injected")
+        return real(logits, params, *args, **kwargs)
+
+    monkeypatch.setattr(sequence, "sample_next", sample_next)
+    engine, outs = run(True)
+    assert outs["r2"].finish_reason == "error" and outs["r2"].error == "FloatingPointError: injected"
+    for i in (0, 1, 3):
+        assert outs[f"r{i}"].token_ids == clean[f"r{i}"].token_ids and outs[f"r{i}"].error is None
+    stats = engine.stats()
+    assert stats["num_request_errors"] == 1 and stats["kv_blocks_used"] == 0 and not engine.has_unfinished()
+
+
 def test_engine_wide_fault_fails_the_step_then_recovers(server, client, monkeypatch):
     llm = server.app.state.server.llm
     real_forward, calls = llm._forward, []
@@ -292,6 +325,17 @@ def test_case3_deep_nesting_over_http(client):
     r = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert_openai_error(r.json(), "invalid_request_error", "invalid_json")
+
+
+def test_other_parse_limits_are_400(client):
+    cases = [(b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "invalid_json"),  # past int digit limit
+             (b'{"prompt": "hi", "max_tokens": 1e999}', "invalid_type"),  # parses to inf
+             (b'{"prompt": "\xff\xfe"}', "invalid_json"),  # not UTF-8
+             (b'{"prompt": "hi", "temperature": NaN}', "invalid_type")]
+    for raw, code in cases:
+        r = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (raw[:40], r.text)
+        assert_openai_error(r.json(), "invalid_request_error", code)
 
 
 def test_case4_lone_surrogates_are_400(client):
