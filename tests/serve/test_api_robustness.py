@@ -506,14 +506,17 @@ def _fire(srv, bodies) -> tuple[list[threading.Thread], dict]:
 def test_case7_shutdown_in_flight_ends_with_answer_or_clean_503(finish_in_grace):
     from tritium.serve.api import ServeConfig
 
-    grace = 8.0 if finish_in_grace else 1.0  # room for a loaded CI machine to finish the requests
+    grace = 8.0 if finish_in_grace else 2.0  # room for a loaded CI machine to finish the requests
     with running_server(ServeConfig(shutdown_grace_s=grace), drain_grace_s=grace) as srv:
         gate = _gate(srv)
         bodies = [{"prompt": f"story {i}", "max_tokens": 10, "ignore_eos": True, "stream": i % 2 == 0}
                   for i in range(6)]
         threads, results = _fire(srv, bodies)
         srv.sigterm()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while not srv.app.state.server.draining:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         with httpx.Client(base_url=srv.url, timeout=10) as c:  # still accepting, answering 503
             late = c.post("/v1/completions", json={"prompt": "late", "max_tokens": 2})
             assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
