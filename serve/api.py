@@ -15,6 +15,13 @@ Every rejection uses OpenAI's error body ``{"error": {"message", "type",
 "param", "code"}}`` and is counted in ``tritium_errors_total{kind}``.  A client
 that goes away (closed stream or abandoned non-streamed request) has its
 generation aborted, which frees its KV blocks at the engine's next step.
+
+Faults stay with their request: a failure in one request's sampling,
+detokenizing, stop checks, logprobs or output policy ends that request alone
+(500 ``generation_failed``; on a stream an error event, then ``[DONE]``).  An
+engine that fails for good turns ``/health`` and ``/ready`` to 503 and calls
+``exit_hook`` so ``tritium serve`` exits non-zero.  ``drain`` is the shutdown
+path: 503 to new requests, a grace period, then a clean 503 to the rest.
 """
 from __future__ import annotations
 
