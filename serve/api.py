@@ -58,6 +58,7 @@ from tritium.serve.protocol import (
     sse,
     usage,
 )
+from tritium.serve.sampling import offset_seed
 
 API_KEY_ENV = "TRITIUM_API_KEY"
 
@@ -378,8 +379,6 @@ class _Server:
                 if job.req.n > 1 and params.seed is not None:
                     import dataclasses
 
-                    from tritium.serve.sampling import offset_seed
-
                     choice_params = dataclasses.replace(params, seed=offset_seed(params.seed, k))  # distinct
                 task = asyncio.create_task(self._run_choice(job, index, ids, choice_params))
                 task.add_done_callback(self._choice_done)
@@ -477,7 +476,7 @@ class _Server:
         reason = ""
         for attempt in range(attempts):
             if attempt and params.seed is not None:
-                params = dataclasses.replace(params, seed=params.seed + 1000 * attempt)
+                params = dataclasses.replace(params, seed=offset_seed(params.seed, 1000 * attempt))
             text, entries, finish, tokens = "", [], None, 0
             async with contextlib.aclosing(self._generate(job, index, ids, params, attempt)) as events:
                 async for event in events:

@@ -569,3 +569,10 @@ def test_case12_api_key_from_env_or_file(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="--api-key-file .*empty"):
         read_api_key(parser.parse_args(["--checkpoint", "x", "--api-key-file", str(tmp_path / "empty")]))
+
+
+def test_derived_seeds_stay_in_range_at_the_top_of_it(client):
+    """n > 1 gives choice k the seed seed + k: at seed 2**64 - 1 that wraps instead of failing."""
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "n": 3, "seed": 2**64 - 1,
+                                             "ignore_eos": True})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
