@@ -135,6 +135,7 @@ class _Job:
     completion_tokens: dict[int, int] = field(default_factory=dict)
     done: bool = False  # the stream reached data: [DONE]
     ended: set[int] = field(default_factory=set)  # choices whose last event (finish or error) is queued
+    started: set[int] = field(default_factory=set)  # choices the engine accepted (an output arrived)
 
     def put(self, event: _Event) -> None:
         if event.error is not None or event.finish_reason:
@@ -396,8 +397,8 @@ class _Server:
             job.put(_Event(index, error=exc))
         except asyncio.CancelledError:
             raise
-        except ValueError as exc:  # the engine refused the request
-            job.put(_Event(index, error=bad_request(str(exc))))
+        except ValueError as exc:  # the engine refused the request (400), or a fault once it ran (500)
+            job.put(_Event(index, error=_request_failed(exc) if index in job.started else bad_request(str(exc))))
         except RuntimeError as exc:
             if self.engine_error is not None:
                 error = ServeError(503, f"the engine failed and the server is exiting: {self.engine_error}",
@@ -427,6 +428,7 @@ class _Server:
             stream = await stream
         try:
             async for out in stream:
+                job.started.add(index)
                 if getattr(out, "error", None):
                     finished = True
                     raise _request_failed(out.error)

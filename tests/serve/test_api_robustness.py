@@ -147,7 +147,8 @@ def inject(stage: str, monkeypatch, server) -> None:
     import tritium.serve.sequence as sequence
 
     def boom(where):
-        raise RuntimeError(f"injected fault in {where}")
+        # a ValueError in the server's own stages must not pass for "the engine refused the request" (400)
+        raise (ValueError if stage in ("policy", "logprobs") else RuntimeError)(f"injected fault in {where}")
 
     if stage == "sampling":
         real = sequence.sample_next
