@@ -198,7 +198,7 @@ def print_report(cfg: Any, report: dict[str, Any], cost: Any = None, gpu_memory_
             if label != stage and entry is row["ckpt"] and row["checkpointing"]:
                 continue  # the asked run already checkpoints
             name = f"{stage} ckpt" if entry["checkpointing"] else stage
-            table.add_row(name, _gib(entry["model_states"]), _gib(sum(entry["buffers"].values())),
+            table.add_row(name, _gib(entry["model_states"]), _gib(entry["buffers_total"]) if entry["buffers_total"] else "-",
                           _gib(entry["activations"]) if covered else f">={_gib(entry['activations'])}",
                           _gib(entry["peak"]), _gib(entry["peak_with_margin"]),
                           _gib(entry["cpu_per_node"]) if entry["cpu_per_node"] else "-",

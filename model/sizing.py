@@ -20,17 +20,17 @@ FLOPs per token (a multiply-add = 2 FLOPs; PaLM appendix B / Chinchilla conventi
 The attention term counts the full T x T score matrix, as PaLM and nanoGPT do
 for MFU; causal kernels skip about half of it.
 
-Training memory per GPU (mixed-precision Adam, ZeRO paper sec. 3: 2 bytes of
-16-bit weights + 2 of 16-bit gradients + K=12 of fp32 optimizer state -- master
-weights, momentum, variance -- per parameter, psi = parameter count,
-N = data-parallel GPUs)::
+Training memory per GPU, as the installed DeepSpeed holds it (``model_states``; psi = parameters,
+N = data-parallel GPUs, 16-bit weights; the ZeRO paper's 2 + 2 + 12 plus the fp32 gradient copy
+DeepSpeed makes for the step)::
 
-    stage 0: (2 + 2 + 12) * psi          stage 2: 2*psi + (2 + 12)*psi/N
-    stage 1: (2 + 2) * psi + 12*psi/N    stage 3: (2 + 2 + 12) * psi/N
+    stage 0: 20*psi                        stage 2: 2*psi + 18*psi/N      (= DeepSpeed's estimator)
+    stage 1: 4*psi + 16*psi/N              stage 3: 20*psi/N + 4*largest layer (+ small tensors whole)
 
-(fp32 training: 4 + 4 + 8.)  Activations are not partitioned by ZeRO; see
-``activation_bytes_per_token_per_layer`` for the tensor-by-tensor count.
-Temporary buffers, the CUDA context and fragmentation are not included.
+plus the ds_config's reduce buckets / ZeRO-3 prefetch, the activations the fused kernels save
+(``activation_breakdown``, equal to a saved-tensor measurement of the real model) and the step's
+transients (``transient_bytes``).  ``TrainingMemory.peak`` combines them moment by moment; a
+``SAFETY_FRACTION`` margin covers fragmentation and the CUDA context.
 
 KV cache: ``2 (K and V) * L * num_kv_heads * head_dim * bytes`` per token.
 """
@@ -194,7 +194,8 @@ class ModelStates:
     offload: str
     offload_device: str
     components: dict[str, tuple[int, str]]
-    buffers: dict[str, int]  # GPU buffers sized by the ds_config: reduce buckets, ZeRO-3 prefetch
+    buffers: dict[str, int]  # GPU buffers sized by the ds_config, alive all step (ZeRO-3's reduce bucket)
+    fwd_bwd_buffers: dict[str, int]  # ... alive during forward/backward only (ZeRO-1/2 reduce buckets, prefetch)
     cpu_load: int  # host bytes per rank while the model is built (before ZeRO partitions it)
 
     def on(self, where: str) -> int:
@@ -218,7 +219,7 @@ class ModelStates:
                 "components": {k: {"bytes": n, "where": w} for k, (n, w) in self.components.items()},
                 "gpu": self.gpu, "cpu": self.cpu, "nvme": self.nvme,
                 "cpu_per_node": self.cpu * min(self.num_gpus, GPUS_PER_NODE),
-                "buffers": dict(self.buffers), "cpu_load": self.cpu_load}
+                "buffers": {**self.buffers, **self.fwd_bwd_buffers}, "cpu_load": self.cpu_load}
 
 
 def _check_training_args(zero_stage: int, num_gpus: int, precision: str, offload: str, offload_device: str) -> None:
@@ -317,13 +318,14 @@ def model_states(cfg: ModelConfig, zero_stage: int, num_gpus: int, precision: st
         if zero_stage == 3:
             c["gathered_layer"] = (2 * w * largest, "gpu")
     buffers: dict[str, int] = {}
-    if zero_stage >= 1:
-        buckets = 2 if zero.get("overlap_comm") else 1
-        buffers["reduce_buckets"] = buckets * w * int(zero["reduce_bucket_size"])
-    if zero_stage == 3:
-        buffers["prefetch_bucket"] = w * min(int(zero["stage3_prefetch_bucket_size"]), psi)
+    fwd_bwd: dict[str, int] = {}
+    if zero_stage in (1, 2):  # made at the first gradient hook of each backward, released before the step
+        fwd_bwd["reduce_buckets"] = (2 if zero.get("overlap_comm") else 1) * w * int(zero["reduce_bucket_size"])
+    if zero_stage == 3:  # stage3.py allocates its bucket once, at initialisation
+        buffers["reduce_bucket"] = w * int(zero["reduce_bucket_size"])
+        fwd_bwd["prefetch_bucket"] = w * min(int(zero["stage3_prefetch_bucket_size"]), psi)
     cpu_load = 4 * largest if zero_stage == 3 else 4 * psi
-    return ModelStates(zero_stage, n, precision, offload, offload_device, c, buffers, cpu_load)
+    return ModelStates(zero_stage, n, precision, offload, offload_device, c, buffers, fwd_bwd, cpu_load)
 
 
 def activation_bytes_per_token_per_layer(cfg: ModelConfig, precision: str = "bf16") -> int:
@@ -413,9 +415,10 @@ def transient_bytes(cfg: ModelConfig, states: ModelStates, micro_batch: int, seq
       log-sum-exp rows (``8*N``) during the fused loss's forward.
     * ``recompute_block``: with checkpointing, one block's saved tensors during its recompute.
     * ``optimizer_step``: the 16-bit gradient partition flattened before its fp32 cast (stage 1-3,
-      ``w*psi/N``, when the optimizer is on the GPU); on CPU, torch's foreach AdamW (tritium uses the
-      fused one on CUDA, which allocates none) also takes a 4-byte buffer per optimised parameter.
-    ZeRO-3's all-gather / prefetch buffers are in ``states.buffers`` (alive for the whole step).
+      ``w*psi/N``, 16-bit runs only).  On ``device="cpu"`` torch's single-tensor AdamW also computes
+      ``exp_avg_sq.sqrt() / bias_correction`` out of place: two fp32 temporaries of the partition
+      (tritium uses the fused AdamW on CUDA, which allocates none).
+    ZeRO's bucket and prefetch buffers are in ``states.buffers`` / ``states.fwd_bwd_buffers``.
     """
     a = TRAINING_BYTES[states.precision][0]
     n = micro_batch * seq_len
@@ -425,10 +428,11 @@ def transient_bytes(cfg: ModelConfig, states: ModelStates, micro_batch: int, seq
     psi = count_parameters(cfg)
     step = 0
     optimizer_on_gpu = states.components["optimizer_states"][1] == "gpu"
-    if states.zero_stage >= 1 and optimizer_on_gpu:
-        step += math.ceil(a * psi / states.num_gpus)
+    partition = psi if states.zero_stage == 0 else math.ceil(psi / states.num_gpus)
+    if states.zero_stage >= 1 and optimizer_on_gpu and states.precision != "fp32":
+        step += a * partition  # in fp32 the cast is a no-op: the flattened partition is the fp32 grad
     if device == "cpu" and optimizer_on_gpu:
-        step += math.ceil(4 * psi / (states.num_gpus if states.zero_stage else 1))
+        step += 8 * partition
     out["optimizer_step"] = step
     return out
 
@@ -448,18 +452,26 @@ class TrainingMemory:
         return self.states.gpu
 
     @property
+    def buffers(self) -> int:
+        return sum(self.states.buffers.values()) + sum(self.states.fwd_bwd_buffers.values())
+
+    @property
     def steady(self) -> int:
-        return self.states.gpu + sum(self.states.buffers.values()) + self.activations
+        return self.states.gpu + self.buffers + self.activations
 
     @property
     def peak(self) -> int:
-        """Steady states + buffers + the larger of (activations + the fwd/bwd transient) and the step's."""
-        t = self.transients
-        fp32_grads, where = self.states.components.get("fp32_grads", (0, "cpu"))
-        # ZeRO 1-3 make the fp32 grads at the step from the 16-bit ones and free them after (stage 0 keeps them)
-        at_step = fp32_grads if where == "gpu" and self.states.zero_stage >= 1 else 0
-        forward_backward = self.activations + max(t["loss_chunk"], t["recompute_block"])
-        return (self.states.gpu - at_step + sum(self.states.buffers.values())
+        """The larger of the two moments of a step, on top of what lives through both::
+
+            forward/backward: activations + max(loss chunk, recompute block) + reduce buckets / prefetch
+            optimizer step:   fp32 gradient partition (ZeRO 1-3 make it at the step) + step temporaries
+        """
+        t, states = self.transients, self.states
+        fp32_grads, where = states.components.get("fp32_grads", (0, "cpu"))
+        at_step = fp32_grads if where == "gpu" and states.zero_stage >= 1 else 0  # stage 0 keeps them
+        forward_backward = (self.activations + max(t["loss_chunk"], t["recompute_block"])
+                            + sum(states.fwd_bwd_buffers.values()))
+        return (states.gpu - at_step + sum(states.buffers.values())
                 + max(forward_backward, at_step + t["optimizer_step"]))
 
     @property
@@ -473,6 +485,7 @@ class TrainingMemory:
     def to_dict(self) -> dict[str, Any]:
         return {**self.states.to_dict(), "checkpointing": self.checkpointing, "model_states": self.model_states,
                 "activations": self.activations, "activations_covered": self.activations_covered,
+                "buffers_total": self.buffers,
                 "transients": dict(self.transients), "steady": self.steady, "peak": self.peak,
                 "margin": self.margin, "peak_with_margin": self.peak_with_margin}
 
