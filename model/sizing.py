@@ -505,11 +505,12 @@ def training_memory(cfg: ModelConfig, zero_stage: int, num_gpus: int, precision:
                           transient_bytes(cfg, states, micro_batch, seq_len, checkpointing, device), checkpointing)
 
 
-def saved_tensor_bytes(model: Any, input_ids: Any, labels: Any, cu_seqlens: Any = None) -> int:
+def saved_tensor_bytes(model: Any, input_ids: Any, labels: Any, cu_seqlens: Any = None) -> tuple[int, Any]:
     """Measure: bytes of the unique storages autograd saves for backward during one forward + loss
     of ``model`` (a ``Transformer``), parameters excluded -- the quantity ``activation_bytes`` predicts.
     Uses ``torch.autograd.graph.saved_tensors_hooks``; storages are keyed by data pointer so views
-    and tensors saved by several ops count once.  Returns bytes (int)."""
+    and tensors saved by several ops count once.  Returns ``(bytes, loss)``: the scalar loss keeps
+    the graph for a caller that wants to inspect it or run backward."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -523,8 +524,7 @@ def saved_tensor_bytes(model: Any, input_ids: Any, labels: Any, cu_seqlens: Any 
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
-    del loss
-    return sum(seen.values())
+    return sum(seen.values()), loss
 
 
 # ---------------------------------------------------------------------------- KV cache
