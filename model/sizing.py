@@ -295,7 +295,7 @@ def model_states(cfg: ModelConfig, zero_stage: int, num_gpus: int, precision: st
     if zero_stage == 0:
         c["weights"] = (w * psi, "gpu")
         c["grads"] = (w * psi, "gpu")
-        if mixed:  # DeepSpeed's BF16/FP16 optimizer: fp32 master weights and an fp32 gradient copy
+        if mixed:  # DeepSpeed's FP16_Optimizer (also for bf16): fp32 master weights, fp32 grads at the step
             c["fp32_grads"] = (4 * psi, "gpu")
             c["master_weights"] = (4 * psi, "gpu")
         c["optimizer_states"] = (8 * psi, "gpu")
@@ -415,7 +415,7 @@ def transient_bytes(cfg: ModelConfig, states: ModelStates, micro_batch: int, seq
       log-sum-exp rows (``8*N``) during the fused loss's forward.
     * ``recompute_block``: with checkpointing, one block's saved tensors during its recompute.
     * ``optimizer_step``: the 16-bit gradient partition flattened before its fp32 cast (stage 1-3,
-      ``w*psi/N``, 16-bit runs only).  On ``device="cpu"`` torch's single-tensor AdamW also computes
+      ``w*psi/N``; stage 0 casts first, ``4*psi``; 16-bit runs only).  On ``device="cpu"`` torch's single-tensor AdamW also computes
       ``exp_avg_sq.sqrt() / bias_correction`` out of place: two fp32 temporaries of the partition
       (tritium uses the fused AdamW on CUDA, which allocates none).
     ZeRO's bucket and prefetch buffers are in ``states.buffers`` / ``states.fwd_bwd_buffers``.
@@ -429,8 +429,10 @@ def transient_bytes(cfg: ModelConfig, states: ModelStates, micro_batch: int, seq
     step = 0
     optimizer_on_gpu = states.components["optimizer_states"][1] == "gpu"
     partition = psi if states.zero_stage == 0 else math.ceil(psi / states.num_gpus)
-    if states.zero_stage >= 1 and optimizer_on_gpu and states.precision != "fp32":
-        step += a * partition  # in fp32 the cast is a no-op: the flattened partition is the fp32 grad
+    if optimizer_on_gpu and states.precision != "fp32":  # in fp32 the flattened partition IS the fp32 grad
+        # ZeRO flattens the 16-bit partition, then casts; stage 0's FP16/BF16 optimizer casts each
+        # gradient to fp32, then flattens
+        step += (4 if states.zero_stage == 0 else a) * partition
     if device == "cpu" and optimizer_on_gpu:
         step += 8 * partition
     out["optimizer_step"] = step
@@ -468,7 +470,7 @@ class TrainingMemory:
         """
         t, states = self.transients, self.states
         fp32_grads, where = states.components.get("fp32_grads", (0, "cpu"))
-        at_step = fp32_grads if where == "gpu" and states.zero_stage >= 1 else 0  # stage 0 keeps them
+        at_step = fp32_grads if where == "gpu" else 0  # made from the 16-bit grads at the step, freed after
         forward_backward = (self.activations + max(t["loss_chunk"], t["recompute_block"])
                             + sum(states.fwd_bwd_buffers.values()))
         return (states.gpu - at_step + sum(states.buffers.values())

@@ -257,3 +257,42 @@ def test_describe_is_json_ready():
     assert set(again["training_memory"]["stages"]) == {"0", "1", "2", "3"}
     offloaded = describe(ModelConfig.from_name("1b"), offload="all", seq_len=64)["training_memory"]["stages"]
     assert set(offloaded) == {"3"} and offloaded["3"]["cpu"] > 0
+
+
+def test_describe_json_round_trips_through_config(capsys, tmp_path):
+    from tritium.cli import main
+
+    assert main(["describe", "--preset", "tiny", "--num-layers", "3", "--json", "--offload", "optimizer",
+                 "--gradient-checkpointing"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["training_memory"]["stages"]) == {"1", "2", "3"}  # optimizer offload needs ZeRO >= 1
+    assert report["training_memory"]["stages"]["2"]["checkpointing"]
+    (tmp_path / "tiny.json").write_text(json.dumps(report))
+    assert main(["describe", "--config", str(tmp_path / "tiny.json"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["config"] == report["config"] and again["parameters"] == report["parameters"]
+
+
+def test_describe_marks_uncovered_backends(capsys):
+    from tritium.cli import main
+
+    assert main(["describe", "--preset", "tiny", "--backend", "torch,attention=sdpa"]) == 0
+    out = capsys.readouterr().out
+    assert "not covered" in out and "unknown" in out
+    assert main(["describe", "--preset", "tiny", "--backend", "cuda"]) == 2
+
+
+def test_readme_describe_transcript_is_current(capsys):
+    """The README's example output is the command's real output, byte for byte."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tritium.cli import main
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```text\n(.*?)```", readme, flags=re.DOTALL)
+                 if b.startswith("$ tritium describe"))
+    command, shown = block.split("\n", 1)
+    assert main(shlex.split(command[2:])[1:]) == 0
+    assert capsys.readouterr().out == shown
