@@ -188,8 +188,9 @@ def print_report(cfg: Any, report: dict[str, Any], cost: Any = None, gpu_memory_
                         f"{'mixed-precision ' if memory['precision'] != 'fp32' else ''}Adam, micro-batch "
                         f"{memory['micro_batch']} x {memory['seq_len']} tokens, offload {memory['offload']}"
                         + (f" ({memory['offload_device']})" if memory["offload"] != "none" else ""))
+    nvme = memory["offload_device"] == "nvme" and memory["offload"] != "none"
     for column in ("ZeRO", "model states", "buffers", "activ.", "peak", f"+{memory['safety_fraction']:.0%} margin",
-                   "CPU/node"):
+                   "NVMe/node" if nvme else "CPU/node"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column(f"fits {gpu_memory_bytes / 1e9:g} GB", no_wrap=True)
     covered = memory["activations_covered"]
@@ -201,7 +202,8 @@ def print_report(cfg: Any, report: dict[str, Any], cost: Any = None, gpu_memory_
             table.add_row(name, _gib(entry["model_states"]), _gib(entry["buffers_total"]) if entry["buffers_total"] else "-",
                           _gib(entry["activations"]) if covered else f">={_gib(entry['activations'])}",
                           _gib(entry["peak"]), _gib(entry["peak_with_margin"]),
-                          _gib(entry["cpu_per_node"]) if entry["cpu_per_node"] else "-",
+                          _gib(host) if (host := entry["nvme" if nvme else "cpu"] * min(gpus, memory["gpus_per_node"]))
+                          else "-",
                           ("yes" if entry["fits"] else "no") if covered else "unknown")
     console.print(table)
     console.print("model states: what DeepSpeed keeps per GPU (its estimators' figure; differences explained in "
