@@ -50,15 +50,17 @@ def _graph_node_names(loss: torch.Tensor) -> set[str]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_activations_equal_saved_tensor_measurement(case):
+def test_activations_equal_saved_tensor_measurement(case, device):
     overrides, run = CASES[case]
     cfg = ModelConfig.from_name("tiny", **BASE, **overrides)
     dtype = run.get("dtype", torch.float32)
     torch.manual_seed(0)
-    model = Transformer(cfg, backend="triton", gradient_checkpointing=run.get("checkpointing", False)).to(dtype)
-    input_ids = torch.randint(0, cfg.vocab_size, (B, T))
-    labels = torch.randint(0, cfg.vocab_size, (B, T))
-    cu_seqlens = torch.tensor(run["cu_seqlens"], dtype=torch.int32) if "cu_seqlens" in run else None
+    model = Transformer(cfg, backend="triton", gradient_checkpointing=run.get("checkpointing", False))
+    model = model.to(device=device, dtype=dtype)
+    input_ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    labels = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    cu_seqlens = (torch.tensor(run["cu_seqlens"], dtype=torch.int32, device=device) if "cu_seqlens" in run
+                  else None)
 
     measured, loss = saved_tensor_bytes(model, input_ids, labels, cu_seqlens)
     predicted = activation_bytes(cfg, B, T, precision="fp16" if dtype == torch.float16 else "fp32",
@@ -125,7 +127,8 @@ def _cpu_step(stage: int) -> dict:
 
 
 def test_cpu_training_step_peak_matches_prediction():
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+    # CUDA hidden: on a GPU machine too this measures the CPU path (the gpu test measures CUDA)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, __file__, "cpu-step", "2"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
