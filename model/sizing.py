@@ -1,6 +1,7 @@
 """Size a Llama-style model before spending a GPU hour: parameters, FLOPs, memory, KV cache, serving cost.
 
-Everything here is arithmetic on a ``ModelConfig``; nothing is allocated.
+Everything here is arithmetic on a ``ModelConfig`` (nothing is allocated), except
+``saved_tensor_bytes``, the measurement the tests hold the activation count to.
 The formulas (each function's docstring states its own):
 
 Parameters (no biases, RMSNorm weights only)::
@@ -41,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tritium.model.config import ModelConfig
+from tritium.train.config import OFFLOAD_DEVICES, OFFLOADS  # tritium train's offload vocabulary, not a copy
 
 # element size of each precision, in bytes
 PRECISION_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -134,16 +136,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
 
 
 # ---------------------------------------------------------------------------- training memory
-# The same offload vocabulary as ``tritium train`` (train/config.py): what leaves the GPU, and where to.
-OFFLOADS = ("none", "optimizer", "params", "all")
-OFFLOAD_DEVICES = ("cpu", "nvme")
 GPUS_PER_NODE = 8  # ranks per node for the per-node CPU figure and DeepSpeed's num_gpus_per_node
 # Allocator fragmentation, the CUDA context, NCCL and cuBLAS workspaces: not counted tensor by
 # tensor, so the "fits" verdict keeps this fraction of the peak in reserve.
 SAFETY_FRACTION = 0.10
-# Backends whose saved activations are counted tensor by tensor (and tested to equal the
-# measurement). "auto" is triton on CUDA, the device a training run is sized for.
-ACTIVATION_COVERED = ("triton",)
+# Kernel implementations whose saved activations are counted tensor by tensor (and tested to equal
+# the measurement). "auto" is triton on CUDA, the device a training run is sized for.
+ACTIVATION_COVERED = ("triton", "auto")
 
 
 def largest_layer_parameters(cfg: ModelConfig) -> int:
@@ -355,7 +354,7 @@ def activation_covered(backend: str) -> bool:
     from tritium.model.backends import parse_backend
 
     choices = parse_backend(backend)
-    return all(impl in ("triton", "auto") for impl in choices.values())
+    return all(impl in ACTIVATION_COVERED for impl in choices.values())
 
 
 def activation_breakdown(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str = "bf16",
