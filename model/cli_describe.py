@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 HELP = "parameters, FLOPs, training memory per ZeRO stage, KV cache and serving cost of a model"
@@ -24,11 +25,12 @@ DIALS: dict[str, tuple[str, type]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tritium.model.config import PRESETS
-    from tritium.model.sizing import PRECISION_BYTES
+    from tritium.model.sizing import OFFLOAD_DEVICES, OFFLOADS, PRECISION_BYTES
 
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(PRESETS), help="a named preset (default: llama2-7b dials)")
-    source.add_argument("--config", metavar="FILE", help="a ModelConfig JSON or Hugging Face config.json")
+    source.add_argument("--config", metavar="FILE",
+                        help="a ModelConfig JSON, a Hugging Face config.json, or describe --json output")
     dials = parser.add_argument_group("dials (override the preset or config)")
     for flag, (name, kind) in DIALS.items():
         dials.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper())
@@ -43,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="training/serving precision (default bf16)")
     train.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
     train.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default max_seq_len)")
+    train.add_argument("--offload", choices=OFFLOADS, default="none",
+                       help="as in tritium train: offload optimizer states and/or params (params: ZeRO-3)")
+    train.add_argument("--offload-device", choices=OFFLOAD_DEVICES, default="cpu",
+                       help="where offloaded states live, as in tritium train (default cpu)")
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="size the run with per-block activation checkpointing")
+    train.add_argument("--backend", default="triton",
+                       help="kernel backend the run uses; activations are counted exactly for triton "
+                            "(default), other backends are marked not covered")
 
     cost = parser.add_argument_group("serving cost (with --cost)")
     cost.add_argument("--cost", action="store_true", help="add the inference cost estimate")
@@ -66,7 +77,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     if args.tie_embeddings is not None:
         overrides["tie_embeddings"] = args.tie_embeddings
     if args.config:
-        base = ModelConfig.from_json(args.config)
+        base = _config_from_file(args.config)
         return base.replace(**overrides) if overrides else base
     if args.preset:
         return ModelConfig.from_name(args.preset, **overrides)
@@ -75,10 +86,29 @@ def resolve_config(args: argparse.Namespace) -> Any:
     return ModelConfig.from_name("llama2-7b")
 
 
+def _config_from_file(path: str) -> Any:
+    """A ModelConfig JSON or HF config.json; a ``describe --json`` report is read through its "config"."""
+    from tritium.model.config import ModelConfig
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ModelConfig.from_json(path)  # its own, clearer error
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "parameters" in data:
+        return ModelConfig.from_dict(data["config"])
+    return ModelConfig.from_json(path)
+
+
 def _validate(args: argparse.Namespace) -> None:
     for flag, value in (("--gpus", args.gpus), ("--micro-batch", args.micro_batch), ("--seq-len", args.seq_len)):
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
+    from tritium.model.backends import parse_backend
+
+    try:
+        parse_backend(args.backend)
+    except ValueError as exc:
+        raise ValueError(f"--backend: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     cfg = resolve_config(args)
     report = sizing.describe(cfg, num_gpus=args.gpus, precision=args.precision, micro_batch=args.micro_batch,
-                             seq_len=args.seq_len)
+                             seq_len=args.seq_len, offload=args.offload, offload_device=args.offload_device,
+                             checkpointing=args.gradient_checkpointing, backend=args.backend,
+                             gpu_memory_gb=args.gpu_memory_gb)
     cost = None
     if args.cost:
         cost = sizing.inference_cost(
@@ -151,18 +183,36 @@ def print_report(cfg: Any, report: dict[str, Any], cost: Any = None, gpu_memory_
     console.print(table)
 
     memory = report["training_memory"]
-    table = Table(title=f"Training memory per GPU: {memory['num_gpus']} GPU{'s' if memory['num_gpus'] != 1 else ''}, {memory['precision']} mixed-precision "
-                        f"Adam, micro-batch {memory['micro_batch']} x {memory['seq_len']} tokens")
-    for column in ("ZeRO", "weights", "grads", "optimizer", "activ.", "activ. ckpt", "total", "total ckpt"):
+    gpus = memory["num_gpus"]
+    table = Table(title=f"Training memory per GPU: {gpus} GPU{'s' if gpus != 1 else ''}, {memory['precision']} "
+                        f"{'mixed-precision ' if memory['precision'] != 'fp32' else ''}Adam, micro-batch "
+                        f"{memory['micro_batch']} x {memory['seq_len']} tokens, offload {memory['offload']}"
+                        + (f" ({memory['offload_device']})" if memory["offload"] != "none" else ""))
+    nvme = memory["offload_device"] == "nvme" and memory["offload"] != "none"
+    for column in ("ZeRO", "model states", "buffers", "activ.", "peak", f"+{memory['safety_fraction']:.0%} margin",
+                   "NVMe/node" if nvme else "CPU/node"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column(f"fits {gpu_memory_bytes / 1e9:g} GB", no_wrap=True)
+    covered = memory["activations_covered"]
     for stage, row in memory["stages"].items():
-        table.add_row(stage, _gib(row["weights"]), _gib(row["grads"]), _gib(row["optimizer"]),
-                      _gib(row["activations"]), _gib(row["activations_checkpointed"]), _gib(row["total"]),
-                      _gib(row["total_checkpointed"]),
-                      "yes" if row["total"] <= gpu_memory_bytes else
-                      "with ckpt" if row["total_checkpointed"] <= gpu_memory_bytes else "no")
+        for label, entry in ((stage, row), (f"{stage} ckpt", row["ckpt"])):
+            if label != stage and entry is row["ckpt"] and row["checkpointing"]:
+                continue  # the asked run already checkpoints
+            name = f"{stage} ckpt" if entry["checkpointing"] else stage
+            table.add_row(name, _gib(entry["model_states"]), _gib(entry["buffers_total"]) if entry["buffers_total"] else "-",
+                          _gib(entry["activations"]) if covered else f">={_gib(entry['activations'])}",
+                          _gib(entry["peak"]), _gib(entry["peak_with_margin"]),
+                          _gib(host) if (host := entry["nvme" if nvme else "cpu"] * min(gpus, memory["gpus_per_node"]))
+                          else "-",
+                          ("yes" if entry["fits"] else "no") if covered else "unknown")
     console.print(table)
+    console.print("model states: what DeepSpeed keeps per GPU (its estimators' figure; differences explained in "
+                  "model/sizing.py); buffers: reduce buckets and ZeRO-3 prefetch from the generated ds_config; "
+                  "peak: + activations and the largest transient (loss chunk, checkpoint recompute, optimizer "
+                  "step); fits: peak + margin (fragmentation, CUDA context, NCCL)")
+    if not covered:
+        console.print(f"[yellow]note:[/yellow] activations of backend {memory['backend']!r} are not covered: "
+                      "counted exactly for the triton kernels only, a lower bound here")
 
     kv = report["kv_cache"]
     console.print(f"KV cache ({kv['precision']}): {kv['bytes_per_token']:,} bytes/token "

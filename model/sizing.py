@@ -1,6 +1,7 @@
 """Size a Llama-style model before spending a GPU hour: parameters, FLOPs, memory, KV cache, serving cost.
 
-Everything here is arithmetic on a ``ModelConfig``; nothing is allocated.
+Everything here is arithmetic on a ``ModelConfig`` (nothing is allocated), except
+``saved_tensor_bytes``, the measurement the tests hold the activation count to.
 The formulas (each function's docstring states its own):
 
 Parameters (no biases, RMSNorm weights only)::
@@ -20,17 +21,17 @@ FLOPs per token (a multiply-add = 2 FLOPs; PaLM appendix B / Chinchilla conventi
 The attention term counts the full T x T score matrix, as PaLM and nanoGPT do
 for MFU; causal kernels skip about half of it.
 
-Training memory per GPU (mixed-precision Adam, ZeRO paper sec. 3: 2 bytes of
-16-bit weights + 2 of 16-bit gradients + K=12 of fp32 optimizer state -- master
-weights, momentum, variance -- per parameter, psi = parameter count,
-N = data-parallel GPUs)::
+Training memory per GPU, as the installed DeepSpeed holds it (``model_states``; psi = parameters,
+N = data-parallel GPUs, 16-bit weights; the ZeRO paper's 2 + 2 + 12 plus the fp32 gradient copy
+DeepSpeed makes for the step)::
 
-    stage 0: (2 + 2 + 12) * psi          stage 2: 2*psi + (2 + 12)*psi/N
-    stage 1: (2 + 2) * psi + 12*psi/N    stage 3: (2 + 2 + 12) * psi/N
+    stage 0: 20*psi                        stage 2: 2*psi + 18*psi/N      (= DeepSpeed's estimator)
+    stage 1: 4*psi + 16*psi/N              stage 3: 20*psi/N + 4*largest layer (+ small tensors whole)
 
-(fp32 training: 4 + 4 + 8.)  Activations are not partitioned by ZeRO; see
-``activation_bytes_per_token_per_layer`` for the tensor-by-tensor count.
-Temporary buffers, the CUDA context and fragmentation are not included.
+plus the ds_config's reduce buckets / ZeRO-3 prefetch, the activations the fused kernels save
+(``activation_breakdown``, equal to a saved-tensor measurement of the real model) and the step's
+transients (``transient_bytes``).  ``TrainingMemory.peak`` combines them moment by moment; a
+``SAFETY_FRACTION`` margin covers fragmentation and the CUDA context.
 
 KV cache: ``2 (K and V) * L * num_kv_heads * head_dim * bytes`` per token.
 """
@@ -41,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tritium.model.config import ModelConfig
+from tritium.train.config import OFFLOAD_DEVICES, OFFLOADS  # tritium train's offload vocabulary, not a copy
 
 # element size of each precision, in bytes
 PRECISION_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -134,20 +136,212 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
 
 
 # ---------------------------------------------------------------------------- training memory
+GPUS_PER_NODE = 8  # ranks per node for the per-node CPU figure and DeepSpeed's num_gpus_per_node
+# Allocator fragmentation, the CUDA context, NCCL and cuBLAS workspaces: not counted tensor by
+# tensor, so the "fits" verdict keeps this fraction of the peak in reserve.
+SAFETY_FRACTION = 0.10
+# Kernel implementations whose saved activations are counted tensor by tensor (and tested to equal
+# the measurement). "auto" is triton on CUDA, the device a training run is sized for.
+ACTIVATION_COVERED = ("triton", "auto")
+
+
+def largest_layer_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the largest single module (DeepSpeed's "largest layer": ZeRO-3 gathers one module's
+    weights at a time).  Same definition as ``deepspeed...stage3.model_to_params``: the direct
+    parameters of each module -- embedding ``V*h``, the untied head ``V*h``, one projection ``h*f``..."""
+    h, q, kv, f, V = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.ffn_hidden, cfg.vocab_size
+    return max(V * h, h * q, h * kv, h * f, h)
+
+
+def persistent_parameters(cfg: ModelConfig, threshold: int) -> int:
+    """Parameters ZeRO-3 keeps whole on every rank: tensors with fewer than ``threshold`` elements
+    (``stage3_param_persistence_threshold``; partitioning them costs more in latency than it saves)."""
+    h, q, kv, f, L, V = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.ffn_hidden, cfg.num_layers, cfg.vocab_size
+    ffn = [h * f] * (3 if cfg.ffn_type == "swiglu" else 2)
+    tensors = [V * h] + ([] if cfg.tie_embeddings else [V * h]) + [h]  # embedding, head, final norm
+    tensors += L * ([h * q, h * kv, h * kv, q * h, h, h] + ffn)
+    return sum(n for n in tensors if n < threshold)
+
+
+def zero_config(zero_stage: int, precision: str = "bf16", offload: str = "none", offload_device: str = "cpu",
+                num_gpus: int = 1, device: str = "cuda") -> dict[str, Any]:
+    """The ``zero_optimization`` section ``tritium train`` generates (``train.engine.build_ds_config``)
+    for these settings on ``device``: bucket sizes, prefetch, persistence threshold, offload.
+    ``overlap_comm`` (two reduce buckets instead of one) follows ``device``, not this machine."""
+    from tritium.train.config import TrainConfig
+    from tritium.train.engine import build_ds_config
+
+    train = TrainConfig(zero_stage=zero_stage, precision=precision, offload=offload, offload_device=offload_device,
+                        nvme_path="/nvme" if offload_device == "nvme" else None)
+    zero = dict(build_ds_config(train, num_gpus)["zero_optimization"])
+    if zero_stage >= 1:
+        zero["overlap_comm"] = device == "cuda"
+    return zero
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Per-rank bytes of weights, gradients and optimizer states under DeepSpeed ZeRO, by where they live.
+
+    ``components`` maps a name to ``(bytes per rank, "gpu" | "cpu" | "nvme")``.  ``gpu`` is what
+    DeepSpeed's estimators call "per GPU"; ``buffers`` are the ds_config's bucket/prefetch buffers.
+    """
+
+    zero_stage: int
+    num_gpus: int
+    precision: str
+    offload: str
+    offload_device: str
+    components: dict[str, tuple[int, str]]
+    buffers: dict[str, int]  # GPU buffers sized by the ds_config, alive all step (ZeRO-3's reduce bucket)
+    fwd_bwd_buffers: dict[str, int]  # ... alive during forward/backward only (ZeRO-1/2 reduce buckets, prefetch)
+    cpu_load: int  # host bytes per rank while the model is built (before ZeRO partitions it)
+
+    def on(self, where: str) -> int:
+        return sum(n for n, w in self.components.values() if w == where)
+
+    @property
+    def gpu(self) -> int:
+        return self.on("gpu")
+
+    @property
+    def cpu(self) -> int:
+        return self.on("cpu")
+
+    @property
+    def nvme(self) -> int:
+        return self.on("nvme")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"zero_stage": self.zero_stage, "num_gpus": self.num_gpus, "precision": self.precision,
+                "offload": self.offload, "offload_device": self.offload_device,
+                "components": {k: {"bytes": n, "where": w} for k, (n, w) in self.components.items()},
+                "gpu": self.gpu, "cpu": self.cpu, "nvme": self.nvme,
+                "cpu_per_node": self.cpu * min(self.num_gpus, GPUS_PER_NODE),
+                "buffers": {**self.buffers, **self.fwd_bwd_buffers}, "cpu_load": self.cpu_load}
+
+
+def _check_training_args(zero_stage: int, num_gpus: int, precision: str, offload: str, offload_device: str) -> None:
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
+        raise ValueError(f"num_gpus must be a positive integer, got {num_gpus!r}")
+    if precision not in TRAINING_BYTES:
+        raise ValueError(f"precision must be one of {list(TRAINING_BYTES)}, got {precision!r}")
+    if offload not in OFFLOADS:
+        raise ValueError(f"offload must be one of {OFFLOADS}, got {offload!r}")
+    if offload_device not in OFFLOAD_DEVICES:
+        raise ValueError(f"offload_device must be one of {OFFLOAD_DEVICES}, got {offload_device!r}")
+    if offload in ("params", "all") and zero_stage != 3:
+        raise ValueError(f"offload={offload!r} offloads parameters, which needs zero_stage=3 (as in tritium train)")
+    if offload in ("optimizer", "all") and zero_stage == 0:
+        raise ValueError("offload='optimizer' needs zero_stage >= 1 (as in tritium train)")
+
+
+def model_states(cfg: ModelConfig, zero_stage: int, num_gpus: int, precision: str = "bf16", offload: str = "none",
+                 offload_device: str = "cpu", device: str = "cuda") -> ModelStates:
+    """Bytes per rank of what DeepSpeed ZeRO keeps for ``cfg`` (psi parameters, N = ``num_gpus``).
+
+    With ``w`` = 2 (bf16/fp16) or 4 (fp32) bytes per weight, the DeepSpeed version tritium installs keeps::
+
+        weights        w*psi          (stage 3: w*psi/N, plus w per persistent parameter, see below)
+        grads          w*psi          stage 0-1: whole until the step; stage 2-3: w*psi/N (reduce-scattered;
+                                      ZeRO-3's ``grad_partitions_flat_buffer``)
+        fp32 grads     4*psi/N        the gradient partition cast to fp32 at the step, freed after it
+                                      (stage 0: 4*psi); ``TrainingMemory.peak`` counts it at the step only
+        master         4*psi/N        fp32 copy of the weight partition -- cloned even in fp32 runs
+        adam           8*psi/N        momentum + variance
+        gathered layer 2*w*L_max      stage 3: the largest module's full weights and gradient
+
+    Stage 0 in fp32 is plain ``torch.optim.AdamW`` (no master copy, no fp32 gradient copy).
+    Offload ``optimizer`` moves fp32 grads, master and Adam states to ``offload_device`` (stage 2
+    reduces gradients straight into that fp32 partition and keeps a 16-bit staging copy of the
+    updated weights there; stage 3 keeps its 16-bit gradient partition there too);
+    ``params`` (stage 3) moves the weight partition.  ``buffers`` come from the ds_config tritium
+    generates (``zero_config``): ``reduce_bucket_size`` elements of w bytes (two with overlap_comm,
+    i.e. on CUDA) and, for stage 3, ``stage3_prefetch_bucket_size`` elements of prefetched weights.
+
+    Against DeepSpeed's estimators (``estimate_zero2_model_states_mem_needs_all_cold``, used for
+    stages 1 and 2, and ``estimate_zero3_model_states_mem_needs_all_cold``) the GPU figure is equal
+    up to rounding, except where tritium differs on purpose:
+
+    * stage 1: +``w*psi*(1 - 1/N)``.  DeepSpeed has no stage-1 estimator; the stage-2 one partitions
+      the 16-bit gradients, which ZeRO-1 keeps whole until the optimizer step.
+    * stage 3: +``2*psi/N``.  DeepSpeed's stage-3 estimator counts 18 bytes per parameter over N, two
+      fewer than the same buffers in its stage-2 count (16-bit weight 2 + 16-bit grad 2 + fp32 grad 4 +
+      master 4 + Adam 8 = 20): stage3.py's 16-bit gradient partition (``grad_partitions_flat_buffer``,
+      allocated for the whole run) is missing from it.
+    * stage 3: +``w*P*(1 - 1/N)`` for the P parameters in tensors smaller than
+      ``stage3_param_persistence_threshold`` (1e5 in tritium's ds_config): DeepSpeed keeps them whole on
+      every rank, its estimator partitions them.  With ``offload="all"`` they stay on the GPU.
+    * fp32: the estimators assume 16-bit mixed precision; here w = 4.
+    * ``offload="params"`` without the optimizer: no estimator covers it.
+    * CPU: the estimators' CPU column multiplies by ``additional_buffer_factor`` (1.5) and, for
+      ZeRO-2, by the total GPU count rather than the ranks of one node; ``cpu`` here is the offloaded
+      steady state per rank, ``cpu_load`` the host bytes one rank holds while building the model
+      (fp32 ``Transformer``: 4*psi, or 4*L_max under ZeRO-3's ``zero.Init``).
+    """
+    _check_training_args(zero_stage, num_gpus, precision, offload, offload_device)
+    psi, n = count_parameters(cfg), num_gpus
+    w = TRAINING_BYTES[precision][0]
+    mixed = precision != "fp32"
+    per = lambda nbytes: math.ceil(nbytes / n)  # noqa: E731 - a partition of nbytes over N ranks
+    opt_where = offload_device if offload in ("optimizer", "all") else "gpu"
+    param_where = offload_device if offload in ("params", "all") else "gpu"
+    zero = zero_config(zero_stage, precision, offload, offload_device, n, device)
+    largest = largest_layer_parameters(cfg)
+    c: dict[str, tuple[int, str]] = {}
+    if zero_stage == 0:
+        c["weights"] = (w * psi, "gpu")
+        c["grads"] = (w * psi, "gpu")
+        if mixed:  # DeepSpeed's FP16_Optimizer (also for bf16): fp32 master weights, fp32 grads at the step
+            c["fp32_grads"] = (4 * psi, "gpu")
+            c["master_weights"] = (4 * psi, "gpu")
+        c["optimizer_states"] = (8 * psi, "gpu")
+    else:
+        persistent = persistent_parameters(cfg, zero["stage3_param_persistence_threshold"]) if zero_stage == 3 else 0
+        if zero_stage == 3:
+            c["weights"] = (per(w * (psi - persistent)), param_where)
+            c["persistent_weights"] = (w * persistent, "gpu")
+        else:
+            c["weights"] = (w * psi, "gpu")
+        if zero_stage == 1:
+            c["grads"] = (w * psi, "gpu")
+        elif zero_stage == 3 or opt_where == "gpu":  # ZeRO-3 keeps its grad partition on the optimizer's device
+            c["grads"] = (per(w * psi), opt_where)
+        if opt_where != "gpu" and zero_stage < 3:  # 16-bit staging copy of the updated partition
+            c["offload_staging"] = (per(w * psi), opt_where)
+        c["fp32_grads"] = (per(4 * psi), opt_where)
+        c["master_weights"] = (per(4 * psi), opt_where)
+        c["optimizer_states"] = (per(8 * psi), opt_where)
+        if zero_stage == 3:
+            c["gathered_layer"] = (2 * w * largest, "gpu")
+    buffers: dict[str, int] = {}
+    fwd_bwd: dict[str, int] = {}
+    if zero_stage in (1, 2):  # made at the first gradient hook of each backward, released before the step
+        fwd_bwd["reduce_buckets"] = (2 if zero.get("overlap_comm") else 1) * w * int(zero["reduce_bucket_size"])
+    if zero_stage == 3:  # stage3.py allocates its bucket once, at initialisation
+        buffers["reduce_bucket"] = w * int(zero["reduce_bucket_size"])
+        fwd_bwd["prefetch_bucket"] = w * min(int(zero["stage3_prefetch_bucket_size"]), psi)
+    cpu_load = 4 * largest if zero_stage == 3 else 4 * psi
+    return ModelStates(zero_stage, n, precision, offload, offload_device, c, buffers, fwd_bwd, cpu_load)
+
+
 def activation_bytes_per_token_per_layer(cfg: ModelConfig, precision: str = "bf16") -> int:
-    """Bytes one decoder block keeps for backward, per token (no checkpointing).
+    """Bytes one decoder block saves for backward, per token, on the fused (triton) path.
 
-    Counted tensor by tensor, in the spirit of Korthikanti et al. 2022
-    ("Reducing Activation Recomputation", ``34*s*b*h + 5*a*s^2*b`` for GPT-3
-    with dropout and a materialised softmax), for this architecture: no
-    dropout, no biases, flash attention (no s^2 term; it keeps q, k, v, the
-    output and an fp32 log-sum-exp per head)::
+    Counted tensor by tensor from what the kernels' autograd functions save (the test measures
+    the real model with ``saved_tensors_hooks`` and finds exactly this)::
 
-        16-bit: 4h      attention-norm input and output, FFN-norm input and output
-              + q+2kv   q, k (after RoPE), v
-              + q       attention output (input of the o projection)
-              + 3f      swiglu: gate, up, silu(gate)*up     (gelu: 2f, pre-activation and output)
-        fp32:   4*num_heads (log-sum-exp) + 2*4 (the two norms' 1/rms)
+        a * (h      block input (RMSNorm saves x)           + h   attention-norm output (q/k/v input)
+           + q+2kv  q, k after RoPE, v (flash attention)    + q   attention output (o_proj input)
+           + h      residual sum (fused add + RMSNorm)      + h   FFN-norm output (gate/up input)
+           + 3f)    swiglu: gate, up, silu(gate)*up          (gelu: 2f, pre-activation and output)
+        + 4 * num_heads   fp32 log-sum-exp of flash attention
+        + 2 * 4           fp32 1/rms of the two norms
+
+    (Korthikanti et al. 2022 count ``34*s*b*h + 5*a*s^2*b`` for GPT-3 with dropout and a materialised
+    softmax; this architecture has neither.)
     """
     a = _precision_bytes(precision)
     h, q, kv, f = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.ffn_hidden
@@ -155,81 +349,183 @@ def activation_bytes_per_token_per_layer(cfg: ModelConfig, precision: str = "bf1
     return a * (4 * h + 2 * q + 2 * kv + ffn_tensors) + 4 * cfg.num_heads + 2 * 4
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str = "bf16",
-                     checkpointing: bool = False) -> int:
-    """Activation bytes per GPU for one micro-batch.
+def activation_covered(backend: str) -> bool:
+    """True when every component of ``backend`` runs tritium's kernels (activations counted exactly)."""
+    from tritium.model.backends import parse_backend
 
-    Without checkpointing: ``tokens * (L * per_layer + final)``; with full
-    per-block checkpointing: ``tokens * (L * a*h + per_layer + final)`` --
-    each block keeps only its input, and backward recomputes one block at a
-    time.  ``final = a*2h + 4`` (final norm input/output and 1/rms); the loss
-    is a fused linear cross-entropy, so no (tokens, V) logits are kept.
+    choices = parse_backend(backend)
+    return all(impl in ACTIVATION_COVERED for impl in choices.values())
+
+
+def activation_breakdown(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str = "bf16",
+                         checkpointing: bool = False, packed_documents: int | None = None) -> dict[str, int]:
+    """Bytes saved for backward by one forward + loss of ``micro_batch`` x ``seq_len`` tokens (N of them)
+    on the fused (triton) path, by tensor group; ``sum(...)`` equals the sum of the unique storages
+    autograd saves (parameters excluded) -- see ``saved_tensor_bytes``.
+
+    * ``blocks``: ``N * L * per_layer`` (``activation_bytes_per_token_per_layer``); with per-block
+      checkpointing only each block's input, ``N * L * a*h`` (backward recomputes one block at a time:
+      that block is a transient, see ``transient_bytes``).
+    * ``final_norm``: ``N * (a*h + 4)``, the last block's output and its fp32 1/rms.
+    * ``loss_grads``: ``N*a*h + V*h*a``.  The fused linear cross-entropy computes d(hidden) and
+      d(head weight) during the forward (chunk by chunk, Liger's trick) and saves them, instead of any
+      (N, V) logits.
+    * ``token_ids``: ``8*N`` (int64 ids, saved by the embedding).
+    * ``rope_tables``: ``2 * max_seq_len * head_dim * 4`` (the fp32 cos/sin tables RoPE saves; not
+      under checkpointing, where they are saved only during the recompute).
+    * packed documents (``cu_seqlens``): ``8*N`` int64 positions and ``4*(docs + 1)`` of cu_seqlens.
     """
     _positive("micro_batch", micro_batch)
     _positive("seq_len", seq_len)
     a = _precision_bytes(precision)
-    tokens = micro_batch * seq_len
-    per_layer = activation_bytes_per_token_per_layer(cfg, precision)
-    final = a * 2 * cfg.hidden_size + 4
-    if checkpointing:
-        return tokens * (cfg.num_layers * a * cfg.hidden_size + per_layer + final)
-    return tokens * (cfg.num_layers * per_layer + final)
+    n, h, L = micro_batch * seq_len, cfg.hidden_size, cfg.num_layers
+    out = {"blocks": n * L * (a * h if checkpointing else activation_bytes_per_token_per_layer(cfg, precision)),
+           "final_norm": n * (a * h + 4),
+           "loss_grads": n * a * h + cfg.vocab_size * h * a,
+           "token_ids": 8 * n}
+    if not checkpointing:
+        out["rope_tables"] = 2 * cfg.max_seq_len * cfg.head_dim * 4
+    if packed_documents is not None:
+        _positive("packed_documents", packed_documents)
+        out["positions"] = 8 * n
+        out["cu_seqlens"] = 4 * (packed_documents + 1)
+    return out
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str = "bf16",
+                     checkpointing: bool = False, packed_documents: int | None = None) -> int:
+    """Activation bytes per GPU for one micro-batch: the sum of ``activation_breakdown``."""
+    return sum(activation_breakdown(cfg, micro_batch, seq_len, precision, checkpointing, packed_documents).values())
+
+
+def loss_chunk_rows(tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Rows of logits the fused loss materialises at once (``kernels/loss.py``'s rule: chunk logits
+    about the size of the hidden states, at least 32 rows)."""
+    ratio = -(-vocab_size // max(hidden_size, 1))
+    rows = 1 << max(0, (-(-tokens // ratio) - 1).bit_length())  # next power of two
+    return max(1, min(tokens, max(rows, 32)))
+
+
+def transient_bytes(cfg: ModelConfig, states: ModelStates, micro_batch: int, seq_len: int,
+                    checkpointing: bool = False, device: str = "cuda") -> dict[str, int]:
+    """Short-lived peaks on top of the steady state, per GPU:
+
+    * ``loss_chunk``: one chunk of (rows, V) logits in the activation dtype plus the fp32 loss and
+      log-sum-exp rows (``8*N``) during the fused loss's forward.
+    * ``recompute_block``: with checkpointing, one block's saved tensors during its recompute.
+    * ``optimizer_step``: the 16-bit gradient partition flattened before its fp32 cast (stage 1-3,
+      ``w*psi/N``; stage 0 casts first, ``4*psi``; 16-bit runs only).  On ``device="cpu"`` torch's single-tensor AdamW also computes
+      ``exp_avg_sq.sqrt() / bias_correction`` out of place: two fp32 temporaries of the partition
+      (tritium uses the fused AdamW on CUDA, which allocates none).
+    ZeRO's bucket and prefetch buffers are in ``states.buffers`` / ``states.fwd_bwd_buffers``.
+    """
+    a = TRAINING_BYTES[states.precision][0]
+    n = micro_batch * seq_len
+    out = {"loss_chunk": loss_chunk_rows(n, cfg.vocab_size, cfg.hidden_size) * cfg.vocab_size * a + 8 * n}
+    out["recompute_block"] = (n * activation_bytes_per_token_per_layer(cfg, states.precision)
+                              + 2 * cfg.max_seq_len * cfg.head_dim * 4) if checkpointing else 0
+    psi = count_parameters(cfg)
+    step = 0
+    optimizer_on_gpu = states.components["optimizer_states"][1] == "gpu"
+    partition = psi if states.zero_stage == 0 else math.ceil(psi / states.num_gpus)
+    if optimizer_on_gpu and states.precision != "fp32":  # in fp32 the flattened partition IS the fp32 grad
+        # ZeRO flattens the 16-bit partition, then casts; stage 0's FP16/BF16 optimizer casts each
+        # gradient to fp32, then flattens
+        step += (4 if states.zero_stage == 0 else a) * partition
+    if device == "cpu" and optimizer_on_gpu:
+        step += 8 * partition
+    out["optimizer_step"] = step
+    return out
 
 
 @dataclass(frozen=True)
 class TrainingMemory:
-    zero_stage: int  # 0..3
-    num_gpus: int  # data-parallel world size
-    weights: int  # bytes per GPU of (16-bit) weights
-    grads: int  # bytes per GPU of gradients
-    optimizer: int  # bytes per GPU of optimizer states (fp32 master, momentum, variance)
-    activations: int  # bytes per GPU of activations, no checkpointing
-    activations_checkpointed: int  # bytes per GPU of activations with per-block checkpointing
+    """Per-GPU memory of one training step: steady states, transients, and the peak that decides "fits"."""
+
+    states: ModelStates
+    activations: int  # bytes saved for backward by the fused path (a lower bound when not covered)
+    activations_covered: bool  # False: backend's activations not counted tensor by tensor
+    transients: dict[str, int]
+    checkpointing: bool
 
     @property
     def model_states(self) -> int:
-        return self.weights + self.grads + self.optimizer
+        return self.states.gpu
 
     @property
-    def total(self) -> int:
-        return self.model_states + self.activations
+    def buffers(self) -> int:
+        return sum(self.states.buffers.values()) + sum(self.states.fwd_bwd_buffers.values())
 
     @property
-    def total_checkpointed(self) -> int:
-        return self.model_states + self.activations_checkpointed
+    def steady(self) -> int:
+        return self.states.gpu + self.buffers + self.activations
+
+    @property
+    def peak(self) -> int:
+        """The larger of the two moments of a step, on top of what lives through both::
+
+            forward/backward: activations + max(loss chunk, recompute block) + reduce buckets / prefetch
+            optimizer step:   fp32 gradient partition (ZeRO 1-3 make it at the step) + step temporaries
+        """
+        t, states = self.transients, self.states
+        fp32_grads, where = states.components.get("fp32_grads", (0, "cpu"))
+        at_step = fp32_grads if where == "gpu" else 0  # made from the 16-bit grads at the step, freed after
+        forward_backward = (self.activations + max(t["loss_chunk"], t["recompute_block"])
+                            + sum(states.fwd_bwd_buffers.values()))
+        return (states.gpu - at_step + sum(states.buffers.values())
+                + max(forward_backward, at_step + t["optimizer_step"]))
+
+    @property
+    def margin(self) -> int:
+        return math.ceil(SAFETY_FRACTION * self.peak)
+
+    @property
+    def peak_with_margin(self) -> int:
+        return self.peak + self.margin
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "model_states": self.model_states, "total": self.total,
-                "total_checkpointed": self.total_checkpointed}
+        return {**self.states.to_dict(), "checkpointing": self.checkpointing, "model_states": self.model_states,
+                "activations": self.activations, "activations_covered": self.activations_covered,
+                "buffers_total": self.buffers,
+                "transients": dict(self.transients), "steady": self.steady, "peak": self.peak,
+                "margin": self.margin, "peak_with_margin": self.peak_with_margin}
 
 
 def training_memory(cfg: ModelConfig, zero_stage: int, num_gpus: int, precision: str = "bf16",
-                    micro_batch: int = 1, seq_len: int | None = None) -> TrainingMemory:
-    """Training memory per GPU under ZeRO ``zero_stage`` on ``num_gpus`` data-parallel GPUs.
-
-    Model states follow the ZeRO paper's mixed-precision Adam accounting (module
-    docstring); activations follow ``activation_bytes``.
-    """
-    if zero_stage not in ZERO_STAGES:
-        raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
-    if not isinstance(num_gpus, int) or num_gpus < 1:
-        raise ValueError(f"num_gpus must be a positive integer, got {num_gpus!r}")
-    if precision not in TRAINING_BYTES:
-        raise ValueError(f"precision must be one of {list(TRAINING_BYTES)}, got {precision!r}")
+                    micro_batch: int = 1, seq_len: int | None = None, *, offload: str = "none",
+                    offload_device: str = "cpu", checkpointing: bool = False, backend: str = "triton",
+                    packed_documents: int | None = None, device: str = "cuda") -> TrainingMemory:
+    """Training memory per GPU under ZeRO ``zero_stage`` on ``num_gpus`` data-parallel GPUs:
+    ``model_states`` + ``activation_breakdown`` + ``transient_bytes``; ``peak`` decides whether it fits.
+    Activations are exact for the fused (triton) path; for other backends (torch references, sdpa)
+    ``activations_covered`` is False and the fused count is only a lower bound."""
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
-    psi = count_parameters(cfg)
-    w, g, k = TRAINING_BYTES[precision]
-    n = num_gpus
-    # partitioned state costs 1/N of its full size on each GPU
-    weights = psi * w / n if zero_stage >= 3 else psi * w
-    grads = psi * g / n if zero_stage >= 2 else psi * g
-    optimizer = psi * k / n if zero_stage >= 1 else psi * k
-    return TrainingMemory(
-        zero_stage=zero_stage, num_gpus=n,
-        weights=math.ceil(weights), grads=math.ceil(grads), optimizer=math.ceil(optimizer),
-        activations=activation_bytes(cfg, micro_batch, seq_len, precision, checkpointing=False),
-        activations_checkpointed=activation_bytes(cfg, micro_batch, seq_len, precision, checkpointing=True),
-    )
+    states = model_states(cfg, zero_stage, num_gpus, precision, offload, offload_device, device)
+    acts = activation_bytes(cfg, micro_batch, seq_len, precision, checkpointing, packed_documents)
+    return TrainingMemory(states, acts, activation_covered(backend),
+                          transient_bytes(cfg, states, micro_batch, seq_len, checkpointing, device), checkpointing)
+
+
+def saved_tensor_bytes(model: Any, input_ids: Any, labels: Any, cu_seqlens: Any = None) -> tuple[int, Any]:
+    """Measure: bytes of the unique storages autograd saves for backward during one forward + loss
+    of ``model`` (a ``Transformer``), parameters excluded -- the quantity ``activation_bytes`` predicts.
+    Uses ``torch.autograd.graph.saved_tensors_hooks``; storages are keyed by data pointer so views
+    and tensors saved by several ops count once.  Returns ``(bytes, loss)``: the scalar loss keeps
+    the graph for a caller that wants to inspect it or run backward."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+    return sum(seen.values()), loss
 
 
 # ---------------------------------------------------------------------------- KV cache
@@ -374,10 +670,29 @@ def inference_cost(cfg: ModelConfig, requests_per_s: float, prompt_tokens: int, 
 
 # ---------------------------------------------------------------------------- everything at once
 def describe(cfg: ModelConfig, *, num_gpus: int = 8, precision: str = "bf16", micro_batch: int = 1,
-             seq_len: int | None = None) -> dict[str, Any]:
-    """All of the above as one JSON-ready dict (what ``tritium describe --json`` prints, minus cost)."""
+             seq_len: int | None = None, offload: str = "none", offload_device: str = "cpu",
+             checkpointing: bool = False, backend: str = "triton", packed_documents: int | None = None,
+             gpu_memory_gb: float = DEFAULT_GPU["memory_gb"]) -> dict[str, Any]:
+    """All of the above as one JSON-ready dict (what ``tritium describe --json`` prints, minus cost).
+
+    ``training_memory.stages`` holds every ZeRO stage the offload setting allows (parameter offload
+    needs stage 3, optimizer offload stage >= 1) as ``TrainingMemory.to_dict()``, plus the same run
+    with activation checkpointing under ``ckpt``; ``fits`` compares ``peak_with_margin`` with
+    ``gpu_memory_gb``."""
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     params = parameter_breakdown(cfg)
+    stages: dict[str, Any] = {}
+    for stage in ZERO_STAGES:
+        if (offload in ("params", "all") and stage != 3) or (offload in ("optimizer", "all") and stage == 0):
+            continue
+        entries = []
+        for ckpt in dict.fromkeys((checkpointing, True)):
+            memory = training_memory(cfg, stage, num_gpus, precision, micro_batch, seq_len, offload=offload,
+                                     offload_device=offload_device, checkpointing=ckpt, backend=backend,
+                                     packed_documents=packed_documents)
+            entries.append({**memory.to_dict(), "fits": memory.peak_with_margin <= gpu_memory_gb * 1e9})
+        # the row is the run as asked; "ckpt" the same run with per-block activation checkpointing
+        stages[str(stage)] = {**entries[0], "ckpt": entries[-1]}
     return {
         "config": cfg.to_dict(),
         "parameters": params.to_dict(),
@@ -389,10 +704,13 @@ def describe(cfg: ModelConfig, *, num_gpus: int = 8, precision: str = "bf16", mi
             "training_6n": 6 * matmul_parameters(cfg),
         },
         "training_memory": {
-            "num_gpus": num_gpus, "precision": precision, "micro_batch": micro_batch, "seq_len": seq_len,
+            "num_gpus": num_gpus, "gpus_per_node": GPUS_PER_NODE, "precision": precision,
+            "micro_batch": micro_batch, "seq_len": seq_len, "offload": offload, "offload_device": offload_device,
+            "backend": backend, "activations_covered": activation_covered(backend),
+            "gpu_memory_gb": gpu_memory_gb, "safety_fraction": SAFETY_FRACTION,
+            "largest_layer_parameters": largest_layer_parameters(cfg),
             "activation_bytes_per_token_per_layer": activation_bytes_per_token_per_layer(cfg, precision),
-            "stages": {str(stage): training_memory(cfg, stage, num_gpus, precision, micro_batch, seq_len).to_dict()
-                       for stage in ZERO_STAGES},
+            "stages": stages,
         },
         "kv_cache": {
             "precision": precision,
