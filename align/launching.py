@@ -67,7 +67,9 @@ def print_done(name: str, result: Any) -> None:
 
 def checked_inputs(args) -> Path:
     """The ``--checkpoint`` folder of ``tritium sft``/``dpo``, after checking it and any data files exist."""
-    checkpoint = Path(args.checkpoint)
+    if not args.init_from:
+        raise ValueError("--checkpoint DIR is required: the model to start from (a run's final/ folder)")
+    checkpoint = Path(args.init_from)
     if not (checkpoint / "config.json").is_file() or not (checkpoint / "tokenizer.model").is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint} must hold config.json, *.safetensors and tokenizer.model "
                                 "(a run's final/ folder)")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tritium.flags import deprecated_alias
+
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -296,7 +298,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, data: bool = True) -
     group.add_argument("--preset", help="model preset (tiny, small, 1b, llama2-7b, llama3-8b, seed-7b)")
     group.add_argument("--model-override", action="append", metavar="KEY=VALUE",
                        help="ModelConfig field on top of the preset, e.g. num_layers=2 (repeatable)")
-    group.add_argument("--init-from", dest="init_from", help="HF-layout checkpoint dir to start from")
+    group.add_argument("--checkpoint", dest="init_from", metavar="DIR",
+                       help="model to start from: an HF-layout dir with tokenizer.model (a run's final/)")
+    deprecated_alias(group, "--init-from", "--checkpoint", "init_from")
     group.add_argument("--backend", help="kernel backend: auto, triton, torch, sdpa, ...")
     if data:
         group.add_argument("--data", nargs="+", help="prepared data dir, or raw text files/dirs (prepared on the "
@@ -336,6 +340,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, data: bool = True) -
     group.add_argument("--save-interval", type=int)
     group.add_argument("--keep-last", type=int)
     group.add_argument("--resume", nargs="?", const="latest", help="resume: 'latest' (default) or a checkpoint path")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing --out run folder")
     group.add_argument("--peak-flops", type=float, help="per-device peak FLOP/s for MFU")
     group.add_argument("--gradient-checkpointing", action="store_true")
     group.add_argument("--tensorboard", action="store_true")
