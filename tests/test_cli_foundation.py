@@ -249,3 +249,20 @@ def test_a_corpus_too_small_for_the_vocabulary_names_a_train_flag(capsys, tmp_pa
     code, _, err = run_cli(capsys, "train", "--preset", "tiny", "--data", str(small), "--max-steps", "1",
                            "--out", str(tmp_path / "run"))
     assert code == 2 and "--model-override vocab_size=N" in err and "--vocab-size" not in err, err
+
+
+def test_device_cuda_without_cuda_says_so(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from tritium.model.tokenizer import train_tokenizer
+    from tritium.model.transformer import Transformer
+
+    cfg = ModelConfig.from_name("tiny", num_layers=1, vocab_size=400, max_seq_len=32)
+    Transformer(cfg).save_pretrained(tmp_path / "ckpt")
+    train_tokenizer(None, 400, tmp_path / "ckpt", max_bytes=150_000, num_threads=1)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        Transformer.from_pretrained(tmp_path / "ckpt", device="cuda")
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cuda", "hi")
+    assert code == 2 and "CUDA is not available" in err and "--device cpu" in err and "safetensors" not in err, err
