@@ -266,3 +266,14 @@ def test_device_cuda_without_cuda_says_so(capsys, tmp_path):
         Transformer.from_pretrained(tmp_path / "ckpt", device="cuda")
     code, _, err = run_cli(capsys, "generate", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cuda", "hi")
     assert code == 2 and "CUDA is not available" in err and "--device cpu" in err and "safetensors" not in err, err
+
+
+def test_skip_malformed_says_how_many_lines_it_skipped(capsys, tmp_path, monkeypatch):
+    from tritium.align.data import load_sft_jsonl
+
+    monkeypatch.delenv("RANK", raising=False)
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{oops\n{"prompt": 1}\n{"prompt": "c", "completion": "d"}\n')
+    records, stats = load_sft_jsonl(path, skip_malformed=True)
+    assert len(records) == 2 and stats.skipped == 2
+    assert f"{path}: skipped 2 malformed line(s) of 4; 2 kept" in capsys.readouterr().err
