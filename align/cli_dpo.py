@@ -72,16 +72,11 @@ def _run_rank(payload: dict[str, Any]) -> int:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tritium.align.launching import checked_inputs, launch_or_run, train_config_from_args
+    from tritium.align.launching import launch_or_run, start_run
     from tritium.align.preference import PreferenceConfig, cached_reference_logps, preference_datasets
     from tritium.model.tokenizer import Tokenizer
-    from tritium.runs import claim_run_folder
 
-    checkpoint = checked_inputs(args)
-    train_cfg = train_config_from_args(args, DPO_DEFAULTS)
-    train_cfg.init_from = str(checkpoint)
-    claim_run_folder(train_cfg.out, resume=bool(train_cfg.resume), overwrite=args.overwrite,
-                     inputs=[checkpoint, args.data, args.val_data])
+    checkpoint, train_cfg = start_run(args, DPO_DEFAULTS)
     beta = args.beta if args.beta is not None else (2.0 if args.loss == "simpo" else 0.1)
     pref = PreferenceConfig(loss=args.loss, beta=beta, label_smoothing=args.label_smoothing, gamma=args.gamma,
                             length_normalize=args.length_normalize, sft_weight=args.sft_weight,

@@ -57,15 +57,10 @@ def _run_rank(payload: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
 
-    from tritium.align.launching import checked_inputs, launch_or_run, train_config_from_args
+    from tritium.align.launching import launch_or_run, start_run
     from tritium.align.sft import SFTConfig
-    from tritium.runs import claim_run_folder
 
-    checkpoint = checked_inputs(args)
-    train_cfg = train_config_from_args(args, SFT_DEFAULTS)
-    train_cfg.init_from = str(checkpoint)
-    claim_run_folder(train_cfg.out, resume=bool(train_cfg.resume), overwrite=args.overwrite,
-                     inputs=[checkpoint, args.data, args.val_data])
+    checkpoint, train_cfg = start_run(args, SFT_DEFAULTS)
     sft_cfg = SFTConfig(seq_len=train_cfg.seq_len, packing=not args.no_packing, truncation=args.truncation,
                         seed=args.data_seed, per_task=args.per_task, skip_malformed=args.skip_malformed)
     payload = {"sft": sft_cfg.to_dict(), "checkpoint": str(checkpoint), "data": args.data, "val_data": args.val_data}

@@ -78,3 +78,16 @@ def checked_inputs(args) -> Path:
         if value is not None and not Path(value).is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {value}")
     return checkpoint
+
+
+def start_run(args, defaults: dict[str, Any]):
+    """(checkpoint, TrainConfig) of ``tritium sft``/``dpo``: inputs checked, command defaults applied, the
+    run folder claimed (an existing one needs --resume or --overwrite) -- all before any work."""
+    from tritium.runs import claim_run_folder
+
+    checkpoint = checked_inputs(args)
+    train_cfg = train_config_from_args(args, defaults)
+    train_cfg.init_from = str(checkpoint)
+    claim_run_folder(train_cfg.out, resume=bool(train_cfg.resume), overwrite=args.overwrite,
+                     inputs=[checkpoint, args.data, args.val_data])
+    return checkpoint, train_cfg

@@ -160,9 +160,9 @@ def checkout(tmp_path_factory):
         model = Transformer(ModelConfig.from_name("tiny"))
         model.save_pretrained(root / "runs/demo/dpo/final")
         Tokenizer.load(root / "runs/tokenizer").save(root / "runs/demo/dpo/final")
-        from tritium.demo import _link_final
+        from tritium.demo import link_final
 
-        _link_final(root / "runs/demo")  # the demo's own code makes runs/demo/final
+        link_final(root / "runs/demo")  # the demo's own code makes runs/demo/final
     finally:
         os.chdir(cwd)
     return root

@@ -19,6 +19,9 @@ from pathlib import Path
 from tritium.net import free_port
 from tritium.runs import claim_run_folder
 
+# Commands light enough to run inside the demo's process (see Demo.tritium).
+_IN_PROCESS = frozenset({"describe", "tokenizer", "data", "generate", "serve-bench"})
+
 # Prompts in the embedded tasks' formats (align/tasks.py), so the aligned model's answers can be checked by eye.
 _DEMO_PROMPTS = ("add: 12 + 7", "reverse: c a t", "sort: 5 2 8")
 
@@ -43,22 +46,30 @@ class Demo:
     nproc: int
     log: list[dict] = field(default_factory=list)
 
-    def tritium(self, *args: str, title: str, check: bool = True, env: dict | None = None,
-                capture: bool = False) -> subprocess.CompletedProcess:
+    def tritium(self, *args: str, title: str) -> int:
+        """Print ``tritium ARGS`` and run it; a failure stops the demo.
+
+        Commands that only load a small model (describe, tokenizer, data, generate, serve-bench) run in
+        this process through the same ``tritium.cli.main`` a shell would reach: each subprocess would
+        pay Python and torch start-up again (seconds each on 2 cores).  Training commands start their
+        own processes (DeepSpeed ranks) and run as a subprocess, as from a shell.
+        """
         shown = "tritium " + " ".join(shlex.quote(str(a)) for a in args)
         print(f"\n\033[1m$ {shown}\033[0m   # {title}", flush=True)
         start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "tritium.cli", *map(str, args)], text=True,
-                              env={**os.environ, **(env or {})},
-                              stdout=subprocess.PIPE if capture else None,
-                              stderr=subprocess.STDOUT if capture else None)
+        argv = [str(a) for a in args]
+        if argv[0] in _IN_PROCESS:
+            from tritium.cli import main
+
+            code = main(argv)
+            sys.stdout.flush()
+        else:
+            code = subprocess.run([sys.executable, "-m", "tritium.cli", *argv], env=dict(os.environ)).returncode
         seconds = time.time() - start
-        if capture and proc.stdout:
-            print(proc.stdout, end="")
-        self.log.append({"command": shown, "title": title, "seconds": round(seconds, 1), "exit": proc.returncode})
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"demo step failed ({title}): `{shown}` exited {proc.returncode}")
-        return proc
+        self.log.append({"command": shown, "title": title, "seconds": round(seconds, 1), "exit": code})
+        if code != 0:
+            raise RuntimeError(f"demo step failed ({title}): `{shown}` exited {code}")
+        return code
 
 
 def _save_untrained(out: Path) -> None:
@@ -75,7 +86,7 @@ def _save_untrained(out: Path) -> None:
     Tokenizer.load(out / "tokenizer").save(out / "untrained")
 
 
-def _link_final(out: Path) -> None:
+def link_final(out: Path) -> None:
     """OUT/final: the aligned (DPO) model under the name every run folder gives its model, so the README's
     `--checkpoint runs/demo/final` examples work after `tritium demo`.  A relative link (a copy where links
     are not allowed)."""
@@ -136,12 +147,12 @@ def run(args: argparse.Namespace) -> int:
                  "--save-interval", 0, *tasks, "--out", out / "dpo",
                  title="preference tuning (DPO) against the SFT model as reference")
     demo.tritium("align-eval", "--checkpoint", out / "pretrain" / "final", out / "sft" / "final",
-                 out / "dpo" / "final", "--labels", "pretrained", "sft", "dpo", "--reference", out / "sft" / "final",
+                 out / "dpo" / "final", "--labels", "pretrained", "sft", "dpo", "--reference-checkpoint", out / "sft" / "final",
                  "--out", out / "align-eval", *tasks, *(["--max-examples", "40", "--max-pairs", "40"] if q else []),
                  title="before/after table: exact match, format compliance, preference accuracy")
 
     print("\n=== 4. After: frozen weights, KV-cached generation, an OpenAI-compatible server ===")
-    _link_final(out)
+    link_final(out)
     demo.tritium("generate", "--checkpoint", out / "final", "--chat", "--max-tokens", "24",
                  "--greedy", _DEMO_PROMPTS[0], title="stream a chat answer with the KV cache")
     if not args.skip_serve:
