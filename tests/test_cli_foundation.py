@@ -164,7 +164,8 @@ def _flags_of(parser, seen=None) -> set[str]:
 
     flags = set()
     for action in parser._actions:
-        flags.update(action.option_strings)
+        if action.help != "==SUPPRESS==" or action.dest == "local_rank":  # deprecated spellings do not count
+            flags.update(action.option_strings)
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 flags |= _flags_of(sub)
