@@ -1,4 +1,4 @@
-"""serve-bench and cost accounting: percentiles against numpy, the load generator against a real server,
+"""serve-bench and cost accounting: the load generator against a real server,
 the cost arithmetic against hand formulas, and the CLI spawning `tritium serve` from a checkpoint."""
 from __future__ import annotations
 
@@ -6,22 +6,11 @@ import json
 import math
 import random
 
-import numpy as np
 import pytest
 from serve_harness import running_server, tiny_model, tiny_tokenizer
 
 from tritium.bench.serve_load import BenchConfig, make_workload, run_bench
-from tritium.bench.timing import percentile
 from tritium.serve.cost import TrafficTarget, estimate_cost
-
-
-def test_percentile_matches_numpy():
-    rng = random.Random(5)
-    for n in (1, 2, 7, 123):
-        values = [rng.expovariate(3.0) for _ in range(n)]
-        for q in (0, 50, 90, 99, 100):
-            assert math.isclose(percentile(values, q), float(np.percentile(values, q)), rel_tol=1e-12)
-    assert percentile([], 50) is None
 
 
 def test_cost_arithmetic():
