@@ -80,7 +80,7 @@ def cpu_peak_flops() -> tuple[float, str] | None:
     between runs (44.7 to 221 GFLOP/s on one 2-core box), which once made MFU read 157%.  The
     instruction-set bound is steady and never below what the cores can do: FMA units x vector width x 2
     -- 64 FLOP/cycle with AVX-512 (two FMA units), 32 with AVX2+FMA, 16 with AVX, 8 otherwise.  Cores:
-    this rank's torch threads, at most its share of the machine (``LOCAL_WORLD_SIZE`` ranks).  None
+    this rank's torch threads, at most its share of the machine (``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE`` ranks).  None
     where /proc/cpuinfo is missing (macOS, Windows).
     """
     try:
@@ -92,7 +92,8 @@ def cpu_peak_flops() -> tuple[float, str] | None:
     if not mhz:
         return None
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
-    share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    local_ranks = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"  # torchrun, deepspeed
+    share = max(1, (os.cpu_count() or 1) // max(1, int(local_ranks)))
     cores = max(1, min(torch.get_num_threads(), share))
     ghz = max(mhz) / 1e3
     return cores * ghz * 1e9 * per_cycle, f"cpu-isa-bound:{cores}x{ghz:.2f}GHzx{per_cycle}"
