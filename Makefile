@@ -1,7 +1,8 @@
 # Two commands for a newcomer: `make demo` and `make test`.
 # Both create .venv when missing and install in the one order that works:
 #   1. torch (kept if the system Python already has one, e.g. a CUDA build on
-#      a GPU box; otherwise torch==2.13.0, the CPU build on local disk),
+#      a GPU box; otherwise torch==2.13.0 from pip's configured index: the CUDA
+#      build from PyPI on Linux, or CPU-only with TORCH_INDEX=https://download.pytorch.org/whl/cpu),
 #   2. deepspeed with --no-build-isolation (it must see the torch above),
 #   3. tritium itself, editable, with its extras.
 # A stamp file makes re-runs instant until pyproject.toml or setup.py change.
@@ -13,6 +14,7 @@ STAMP   := $(VENV)/.tritium-installed
 EXTRAS  ?= serve,bench,hf,dev
 PIP     := $(BIN)/python -m pip
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup demo demo-quick test test-fast bench bench-quick lint clean
 
@@ -31,7 +33,7 @@ $(STAMP): pyproject.toml setup.py
 	@if $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
 	  echo "[setup] keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	else \
-	  $(PIP) install -q "$(TORCH_SPEC)"; \
+	  $(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"; \
 	fi
 	$(PIP) install -q --no-build-isolation deepspeed
 	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"

@@ -30,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tritium.train.config import add_train_arguments
 
     group = parser.add_argument_group("preference")
-    group.add_argument("--checkpoint", required=True, help="SFT model dir (HF layout + tokenizer.model)")
     group.add_argument("--data", help="preference JSONL ({'prompt','chosen','rejected'}); default: embedded tasks")
     group.add_argument("--val-data", help="validation JSONL (default: 5%% of --data, or the tasks' val split)")
     group.add_argument("--skip-malformed", action="store_true", help="skip and count bad JSONL lines")
@@ -73,13 +72,11 @@ def _run_rank(payload: dict[str, Any]) -> int:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tritium.align.launching import checked_inputs, launch_or_run, train_config_from_args
+    from tritium.align.launching import launch_or_run, start_run
     from tritium.align.preference import PreferenceConfig, cached_reference_logps, preference_datasets
     from tritium.model.tokenizer import Tokenizer
 
-    checkpoint = checked_inputs(args)
-    train_cfg = train_config_from_args(args, DPO_DEFAULTS)
-    train_cfg.init_from = str(checkpoint)
+    checkpoint, train_cfg = start_run(args, DPO_DEFAULTS)
     beta = args.beta if args.beta is not None else (2.0 if args.loss == "simpo" else 0.1)
     pref = PreferenceConfig(loss=args.loss, beta=beta, label_smoothing=args.label_smoothing, gamma=args.gamma,
                             length_normalize=args.length_normalize, sft_weight=args.sft_weight,

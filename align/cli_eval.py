@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from tritium.flags import deprecated_alias
+
 HELP = "compare checkpoints: held-out exact match, stop-at-end-of-turn, preference accuracy/margin"
 
 
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="+", help="names for the table, space- or comma-separated "
                                                      "(default: runs/NAME/final -> NAME)")
     parser.add_argument("--out", default="runs/align_eval", help="folder for align_eval.json and align_eval.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
     parser.add_argument("--data", help="prompt/completion JSONL to score by exact match (default: embedded tasks)")
     parser.add_argument("--pairs", help="preference JSONL for pref accuracy (default: embedded task pairs)")
     parser.add_argument("--per-task", type=int, default=1200, help="embedded tasks: prompts per task (as in sft)")
@@ -29,9 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "val"), default="test", help="embedded split to score")
     parser.add_argument("--max-examples", type=int, default=400, help="prompts scored per checkpoint")
     parser.add_argument("--max-pairs", type=int, default=400, help="preference pairs scored per checkpoint")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--reference", help="reference checkpoint (the SFT model) for DPO's implicit-reward "
-                                            "accuracy on the held-out pairs")
+    parser.add_argument("--max-tokens", type=int, default=24, help="reply tokens generated at most (default 24)")
+    deprecated_alias(parser, "--max-new-tokens", "--max-tokens", "max_tokens", type=int)
+    parser.add_argument("--reference-checkpoint", metavar="DIR",
+                        help="reference model (the SFT model) for DPO's implicit-reward accuracy on the held-out pairs")
+    deprecated_alias(parser, "--reference", "--reference-checkpoint", "reference_checkpoint")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -48,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from tritium.align.data import load_preference_jsonl, load_sft_jsonl
     from tritium.align.evaluate import EvalConfig, evaluate_checkpoints, render_table, write_report
     from tritium.align.tasks import TaskExample, make_splits, preference_pairs
+    from tritium.runs import claim_run_folder
 
-    cfg = EvalConfig(max_new_tokens=args.max_new_tokens, max_examples=args.max_examples, max_pairs=args.max_pairs)
+    claim_run_folder(args.out, overwrite=args.overwrite, inputs=[*args.checkpoint, args.reference_checkpoint,
+                                                                  args.data, args.pairs], resumable=False)
+    cfg = EvalConfig(max_new_tokens=args.max_tokens, max_examples=args.max_examples, max_pairs=args.max_pairs)
     splits = None
     if args.data:
         conversations, _ = load_sft_jsonl(args.data)
@@ -67,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
         pairs = preference_pairs(splits[args.split], seed=args.data_seed + 7)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = evaluate_checkpoints(args.checkpoint, examples, pairs, cfg, labels=_split_labels(args.labels), device=device,
-                                reference=args.reference)
+                                reference=args.reference_checkpoint)
     console = Console(width=None if Console().is_terminal else 150)
-    console.print(render_table(rows))
+    scored = (f"--data {args.data}" if args.data else f"embedded tasks, held-out {args.split} split")
+    scored += f"; pairs from --pairs {args.pairs}" if args.pairs else ""
+    console.print(render_table(rows, title=f"align-eval ({scored})"))
     for row in rows:
         for sample in row["samples"][:3]:
             console.print(f"[dim]{row['label']}: {sample['prompt']!r} -> {sample['reply']!r} "

@@ -30,7 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tritium.train.config import add_train_arguments
 
     group = parser.add_argument_group("sft")
-    group.add_argument("--checkpoint", required=True, help="pretrained model dir (HF layout + tokenizer.model)")
     group.add_argument("--data", help="SFT JSONL ({'messages'} or {'prompt','completion'}); default: embedded tasks")
     group.add_argument("--val-data", help="validation JSONL (default: 5%% of --data, or the tasks' val split)")
     group.add_argument("--skip-malformed", action="store_true", help="skip and count bad JSONL lines")
@@ -58,12 +57,10 @@ def _run_rank(payload: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
 
-    from tritium.align.launching import checked_inputs, launch_or_run, train_config_from_args
+    from tritium.align.launching import launch_or_run, start_run
     from tritium.align.sft import SFTConfig
 
-    checkpoint = checked_inputs(args)
-    train_cfg = train_config_from_args(args, SFT_DEFAULTS)
-    train_cfg.init_from = str(checkpoint)
+    checkpoint, train_cfg = start_run(args, SFT_DEFAULTS)
     sft_cfg = SFTConfig(seq_len=train_cfg.seq_len, packing=not args.no_packing, truncation=args.truncation,
                         seed=args.data_seed, per_task=args.per_task, skip_malformed=args.skip_malformed)
     payload = {"sft": sft_cfg.to_dict(), "checkpoint": str(checkpoint), "data": args.data, "val_data": args.val_data}

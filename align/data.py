@@ -14,6 +14,8 @@ counted in the returned ``ReadStats`` instead (the first few reasons are kept fo
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,9 @@ def read_jsonl(path: str | Path, parse: Callable[[Any], T], *, skip_malformed: b
                     stats.errors.append(message)
                 continue
             stats.kept += 1
+    if stats.skipped and os.environ.get("RANK", "0") == "0":  # once, not once per rank
+        print(f"{path}: skipped {stats.skipped} malformed line(s) of {stats.lines}; {stats.kept} kept "
+              f"(first: {stats.errors[0]})", file=sys.stderr, flush=True)
     return records, stats
 
 

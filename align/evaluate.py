@@ -196,10 +196,10 @@ def _label(checkpoint: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ report
-def render_table(rows: Sequence[dict[str, Any]]):
+def render_table(rows: Sequence[dict[str, Any]], title: str = "align-eval (embedded tasks, held-out test split)"):
     from rich.table import Table
 
-    table = Table(title="align-eval (held-out test split)")
+    table = Table(title=title)
     table.add_column("checkpoint")
     for name in ("exact match", "format", "pref acc", "pref margin (nats)"):
         table.add_column(name, justify="right")

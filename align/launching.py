@@ -67,7 +67,9 @@ def print_done(name: str, result: Any) -> None:
 
 def checked_inputs(args) -> Path:
     """The ``--checkpoint`` folder of ``tritium sft``/``dpo``, after checking it and any data files exist."""
-    checkpoint = Path(args.checkpoint)
+    if not args.init_from:
+        raise ValueError("--checkpoint DIR is required: the model to start from (a run's final/ folder)")
+    checkpoint = Path(args.init_from)
     if not (checkpoint / "config.json").is_file() or not (checkpoint / "tokenizer.model").is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint} must hold config.json, *.safetensors and tokenizer.model "
                                 "(a run's final/ folder)")
@@ -76,3 +78,16 @@ def checked_inputs(args) -> Path:
         if value is not None and not Path(value).is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {value}")
     return checkpoint
+
+
+def start_run(args, defaults: dict[str, Any]):
+    """(checkpoint, TrainConfig) of ``tritium sft``/``dpo``: inputs checked, command defaults applied, the
+    run folder claimed (an existing one needs --resume or --overwrite) -- all before any work."""
+    from tritium.runs import claim_run_folder
+
+    checkpoint = checked_inputs(args)
+    train_cfg = train_config_from_args(args, defaults)
+    train_cfg.init_from = str(checkpoint)
+    claim_run_folder(train_cfg.out, resume=bool(train_cfg.resume), overwrite=args.overwrite,
+                     inputs=[checkpoint, args.data, args.val_data])
+    return checkpoint, train_cfg

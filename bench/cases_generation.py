@@ -75,10 +75,6 @@ def _decode_bytes(size, mode, dtype):
     return (params + kv) * esize
 
 
-def _decode_work(size, mode):
-    return size["B"]
-
-
 register(Case(
     name="decode_step", area="generation",
     sizes=[{"preset": "llama2-7b", "B": b, "L": length} for b in (1, 8) for length in (512, 4096)]
@@ -93,7 +89,7 @@ register(Case(
 
 # ----------------------------------------------------------------------------- engine vs HF generate
 def _workload(size, vocab):
-    from tritium.serve.profile import synthetic_workload
+    from tritium.bench.generation import synthetic_workload
 
     return synthetic_workload(size["requests"], (size["prompt_min"], size["prompt_max"]),
                               (size["out_min"], size["out_max"]), vocab, 0)
@@ -101,8 +97,8 @@ def _workload(size, vocab):
 
 def _engine_factory(kind: str):
     def factory(size, mode, device, dtype):
+        from tritium.bench.generation import engine_workload, hf_generate_workload, hf_model_from
         from tritium.serve.engine import LLMEngine
-        from tritium.serve.profile import engine_workload, hf_generate_workload, hf_model_from
 
         backend = "triton" if device == "cuda" else "torch"
         model = _model(size["preset"], backend, device, dtype, 2048 if device == "cuda" else 512)

@@ -124,11 +124,8 @@ def _rope_factory(kind: str):
             fn = apply_rope
         elif kind == "torch":
             fn = apply_rope_ref
-        elif kind == "torch.compile":
+        else:  # no Liger provider: its rope takes (B, H, T, D) heads-first tensors, a different layout
             fn = compiled(apply_rope_ref, device)
-        else:
-            ops = _liger(device, "rope")
-            fn = lambda q, k, c, s: ops.LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), c, s)
 
         def forward():
             qo, ko = fn(q, k, cos, sin)

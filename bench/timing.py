@@ -7,19 +7,31 @@ are never kernel speed.
 """
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
+def synchronize(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) with linear interpolation, as ``numpy.percentile``'s default; None
+    for no values.  Every p50/p99 in bench/ (engine workloads, serve-bench) comes from here."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def time_ms(fn: Callable[[], object], device: str, *, warmup_ms: float = 25, rep_ms: float = 100,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# public name -> submodule that defines it (kernel workers add their families here)
+# public name -> submodule that defines it (a new kernel family adds its names here)
 _EXPORTS = {
     # RMSNorm (kernels/norm.py)
     "rms_norm": "norm", "rms_norm_ref": "norm",

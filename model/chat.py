@@ -68,9 +68,12 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
     return checked
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-    """The template as text (for display and logs; ``encode_chat`` gives the ids of record)."""
-    parts = [ROLE_MARKERS[m["role"]] + m["content"] + END for m in validate_messages(messages)]
+def render_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
+                bos: str = "<s>") -> str:
+    """The template as text, token for token what ``encode_chat`` encodes (for display and logs): ``bos``
+    (the BOS piece), each message, and with ``add_generation_prompt`` the ``<|assistant|>`` marker --
+    the same default as ``encode_chat`` (and Hugging Face's ``apply_chat_template``)."""
+    parts = [bos] + [ROLE_MARKERS[m["role"]] + m["content"] + END for m in validate_messages(messages)]
     if add_generation_prompt:
         parts.append(ASSISTANT)
     return "".join(parts)

@@ -170,6 +170,9 @@ def load_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
         _check_same_config(config, saved, directory / CONFIG_NAME)
     dtype = _as_dtype(dtype)
     device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():  # else safetensors fails with a pin_memory error
+        raise ValueError(f"device={str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
+                         "torch.cuda.is_available() is False); load with device='cpu' (--device cpu)")
     with torch.device("meta"):
         model = Transformer(saved, backend=backend)
     state = load_state_dict(directory, model, device=device, dtype=dtype)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tritium.flags import deprecated_alias
+
 HELP = "parameters, FLOPs, training memory per ZeRO stage, KV cache and serving cost of a model"
 
 # dial flag -> ModelConfig field (flags override the preset or config file)
@@ -59,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cost.add_argument("--cost", action="store_true", help="add the inference cost estimate")
     cost.add_argument("--requests-per-s", type=float, default=10.0, help="traffic (default 10)")
     cost.add_argument("--prompt-tokens", type=int, default=512, help="tokens per prompt (default 512)")
-    cost.add_argument("--output-tokens", type=int, default=256, help="generated tokens per request (default 256)")
+    cost.add_argument("--max-tokens", type=int, default=256,
+                      help="generated tokens per request, as serve-bench's --max-tokens (default 256)")
+    deprecated_alias(cost, "--output-tokens", "--max-tokens", "max_tokens", type=int)
     cost.add_argument("--latency-s", type=float, default=10.0, help="end-to-end target per request (default 10)")
     cost.add_argument("--tokens-per-s-per-gpu", type=float, default=None,
                       help="measured aggregate decode tokens/s per GPU (default: roofline estimate)")
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     cost = None
     if args.cost:
         cost = sizing.inference_cost(
-            cfg, args.requests_per_s, args.prompt_tokens, args.output_tokens, args.latency_s,
+            cfg, args.requests_per_s, args.prompt_tokens, args.max_tokens, args.latency_s,
             args.tokens_per_s_per_gpu, args.gpu_hour_price, precision=args.precision,
             gpu_memory_gb=args.gpu_memory_gb)
         report["inference_cost"] = cost.to_dict()

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from tritium.flags import deprecated_alias
 from tritium.model.corpus import DEFAULT_CORPUS_BYTES
 
 HELP = "train a sentencepiece BPE tokenizer (embedded corpus by default), encode or decode text"
@@ -16,14 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     train = actions.add_parser("train", help="learn a byte-fallback BPE vocabulary",
                                description="Learn a byte-fallback BPE vocabulary with the chat markers as "
-                                           "single tokens. Without --input, trains on the embedded corpus "
+                                           "single tokens. Without --data, trains on the embedded corpus "
                                            "(this Python's standard-library source).")
-    train.add_argument("--input", nargs="+", default=None, metavar="PATH",
+    train.add_argument("--data", nargs="+", default=None, metavar="PATH",
                        help="text files, JSONL files with a 'text' field, or folders (default: embedded corpus)")
+    deprecated_alias(train, "--input", "--data", "data", nargs="+")
     train.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size (default 2048)")
     train.add_argument("--out", required=True, metavar="DIR", help="folder for tokenizer.model")
-    train.add_argument("--max-bytes", type=int, default=DEFAULT_CORPUS_BYTES,
+    train.add_argument("--corpus-bytes", type=int, default=DEFAULT_CORPUS_BYTES,
                        help=f"read at most this much text (default {DEFAULT_CORPUS_BYTES:,})")
+    deprecated_alias(train, "--max-bytes", "--corpus-bytes", "corpus_bytes", type=int)
 
     encode = actions.add_parser("encode", help="print the token ids of some text")
     encode.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer.model or its folder")
@@ -41,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from tritium.model.tokenizer import Tokenizer, train_tokenizer
 
     if args.action == "train":
-        if args.max_bytes <= 0:
-            raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")
+        if args.corpus_bytes <= 0:
+            raise ValueError(f"--corpus-bytes must be positive, got {args.corpus_bytes}")
         start = time.perf_counter()
-        tokenizer = train_tokenizer(args.input, args.vocab_size, args.out, max_bytes=args.max_bytes)
+        tokenizer = train_tokenizer(args.data, args.vocab_size, args.out, max_bytes=args.corpus_bytes)
         seconds = time.perf_counter() - start
-        source = "embedded corpus (Python stdlib source)" if not args.input else ", ".join(args.input)
+        source = "embedded corpus (Python stdlib source)" if not args.data else ", ".join(args.data)
         print(f"trained {tokenizer.vocab_size}-token BPE tokenizer on {source} in {seconds:.1f}s")
         print(f"wrote {tokenizer.source}")
         print(f"fingerprint {tokenizer.fingerprint[:16]}  bos={tokenizer.bos_id} eos={tokenizer.eos_id} "

@@ -15,8 +15,58 @@ from typing import Any
 FFN_TYPES = ("swiglu", "gelu")
 
 
+class ConfigFile:
+    """JSON (and YAML) files for a config dataclass: ``to_dict``/``to_json`` out, ``read_file`` and
+    ``checked_fields`` in.  ``ModelConfig`` and ``TrainConfig`` share it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The config as sorted, indented JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def checked_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` with ``-`` in keys read as ``_``; ValueError naming any key that is not a field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(data).__name__}")
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return data
+
+    @classmethod
+    def read_file(cls, path: str | Path, what: str) -> dict[str, Any]:
+        """The mapping in a JSON file, or a YAML one (``.yaml``/``.yml``); errors name ``what`` and the path."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{what} {path} could not be parsed: {exc}") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{what} {path} could not be parsed (not valid JSON): {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{what} {path} must hold a mapping of {cls.__name__} fields")
+        return data
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigFile):
     hidden_size: int = 4096  # width of the residual stream
     num_layers: int = 32  # decoder blocks
     num_heads: int = 32  # query heads
@@ -87,37 +137,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ JSON
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if "architectures" in data or "num_hidden_layers" in data:
             return cls.from_hf_dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return cls(**cls.checked_fields(data))
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model config not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"model config {path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"model config {path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(cls.read_file(path, "model config"))
 
     # ------------------------------------------------------------------ Hugging Face
     def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:

@@ -58,7 +58,7 @@ def embedded_corpus_files(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
             break
     if not chosen:
         raise FileNotFoundError(f"no Python standard-library sources found under {root}; "
-                                "pass your own text files with --input")
+                                "pass your own text files with --data")
     return chosen
 
 

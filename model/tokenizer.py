@@ -227,8 +227,11 @@ def _training_sentences(inputs: Iterable[str | os.PathLike] | None, max_bytes: i
 def train_tokenizer(inputs: Iterable[str | os.PathLike] | None, vocab_size: int,
                     out_dir: str | os.PathLike | None = None, *, max_bytes: int = DEFAULT_CORPUS_BYTES,
                     max_sentences: int = 2_000_000, character_coverage: float = 0.9995,
-                    num_threads: int | None = None) -> Tokenizer:
+                    num_threads: int | None = None, vocab_flag: str = "--vocab-size") -> Tokenizer:
     """Train a byte-fallback BPE tokenizer; write ``out_dir/tokenizer.model`` when given.
+
+    ``vocab_flag`` is how the caller's user sets the vocabulary size, named in the error when the input
+    cannot fill it (``tritium tokenizer train --vocab-size``; ``tritium train`` passes its own).
 
     ``inputs``: files/folders (text, JSONL with ``"text"``), or None for the
     embedded corpus.  Training reads at most ``max_bytes`` of text and
@@ -261,14 +264,14 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike] | None, vocab_size: int,
         if needed:
             raise ValueError(f"vocab_size={vocab_size} is too small: the specials, 256 byte pieces and the "
                              f"input's characters need {needed.group(2)} pieces before any merge; use a larger "
-                             "--vocab-size") from None
+                             f"{vocab_flag}") from None
         at_most = re.search(r"value <= (\d+)", message)
         if at_most:
             raise ValueError(f"vocab_size={vocab_size} is more than {len(sentences)} lines of input can fill "
-                             f"(at most {at_most.group(1)}); use a smaller --vocab-size or more input") from None
+                             f"(at most {at_most.group(1)}); use a smaller {vocab_flag} or more input") from None
         if "Vocabulary size" in message or "vocab_size" in message:
             raise ValueError(f"cannot learn vocab_size={vocab_size} from {len(sentences)} lines of text: "
-                             f"{message}; use a smaller --vocab-size or more input") from None
+                             f"{message}; use a smaller {vocab_flag} or more input") from None
         raise ValueError(f"sentencepiece training failed: {message}") from None
     tokenizer = Tokenizer(buffer.getvalue(), source="trained")
     if out_dir is not None:

@@ -65,8 +65,13 @@ class CostEstimate:
 
 def estimate_cost(measured_output_tokens_per_s: float, target: TrafficTarget,
                   measured_ttft_p99_s: float | None = None, measured_itl_p99_s: float | None = None,
-                  model_config: Any = None) -> CostEstimate:
-    """Price the target traffic from one replica's measured throughput (and latency)."""
+                  model_config: Any = None, measured_latency_p99_s: float | None = None) -> CostEstimate:
+    """Price the target traffic from one replica's measured throughput (and latency).
+
+    ``meets_latency_target`` is the one latency verdict: every measured p99 given (TTFT, inter-token,
+    end-to-end against ``target.latency_s``) against its target; the sizing model's roofline
+    ``latency_feasible`` (an H100-class estimate) is not a measurement and does not enter it.
+    """
     if not measured_output_tokens_per_s > 0:
         raise ValueError(f"measured output tokens/s must be positive, got {measured_output_tokens_per_s!r} "
                          "(did any request succeed?)")
@@ -82,6 +87,8 @@ def estimate_cost(measured_output_tokens_per_s: float, target: TrafficTarget,
     meets: bool | None = None
     checks = [("TTFT p99", target.ttft_p99_s, measured_ttft_p99_s),
               ("inter-token latency p99", target.itl_p99_s, measured_itl_p99_s)]
+    if measured_latency_p99_s is not None:
+        checks.append(("end-to-end latency p99", target.latency_s, measured_latency_p99_s))
     for label, wanted, measured in checks:
         if wanted is None:
             continue
@@ -156,10 +163,11 @@ def format_estimate(est: CostEstimate) -> str:
         lines.append(f"sizing model: {model['error']}")
     elif model:
         lines.append("sizing model (tritium.model.sizing.inference_cost, with the measured tokens/s):")
+        # latency_feasible is left out: a roofline guess beside the measured verdict above would contradict it
         for key in ("gpus_per_replica", "gpus_for_compute", "gpus_for_memory", "gpus_needed", "utilization",
-                    "cost_per_million_output_tokens", "cost_per_million_tokens", "latency_feasible"):
+                    "cost_per_million_output_tokens", "cost_per_million_tokens"):
             if key in model:
                 value = model[key]
                 lines.append(f"  {key}: {value:,.4g}" if isinstance(value, float) else f"  {key}: {value}")
-        lines += [f"  note: {note}" for note in model.get("notes", [])]
+        lines += [f"  note: {note}" for note in model.get("notes", []) if "latency target" not in note]
     return "\n".join(lines)

@@ -50,7 +50,7 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-# ---------------------------------------------------------------- shared tokenizer and data (worker F)
+# ---------------------------------------------------------------- shared tokenizer and data
 # Trained once per test session (about a second) so any test can use a real sentencepiece tokenizer.
 TINY_TOKENIZER_VOCAB = 2048
 TINY_CORPUS_BYTES = 1_000_000

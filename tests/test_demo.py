@@ -35,8 +35,21 @@ def test_demo_quick_runs_every_stage(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0], f"pretraining loss did not fall: {losses}"
     assert (out / "align-eval" / "table.md").exists()
+    # the README's examples take `--checkpoint runs/demo/final`: the aligned model, under that name
+    assert (out / "final").resolve() == (out / "dpo" / "final").resolve()
+    assert (out / "final" / "model.safetensors").exists()
     exchanges = json.loads((out / "serve_exchanges.json").read_text())
     assert len(exchanges) == 3 and all(e["usage"]["completion_tokens"] > 0 for e in exchanges)
     assert json.loads((out / "serve_bench.json").read_text())
     report = (out / "report.md").read_text()
     assert "tritium train" in report and "Alignment before/after" in report
+    # a second run into the same folder is refused, never mixed into the first
+    again = subprocess.run([sys.executable, "-m", "tritium.cli", "demo", "--quick", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_demo_writes_runs_demo_by_default():
+    from tritium.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).out == "runs/demo"

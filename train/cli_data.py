@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from tritium.flags import deprecated_alias
 from tritium.model.corpus import DEFAULT_CORPUS_BYTES
 
 HELP = "tokenize a corpus into binary shards with a train/validation split (prepare), or summarise them (info)"
@@ -14,16 +15,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prepare = actions.add_parser(
         "prepare", help="tokenize text into .bin shards + manifest.json",
         description="Tokenize documents (<bos> text <eos>) into uint16/uint32 shards with a manifest, split "
-                    "train/validation by document. Without --input, uses the embedded corpus.")
+                    "train/validation by document. Without --data, uses the embedded corpus.")
     prepare.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer.model or its folder")
-    prepare.add_argument("--input", nargs="+", default=None, metavar="PATH",
+    prepare.add_argument("--data", nargs="+", default=None, metavar="PATH",
                          help="text files, JSONL files with a 'text' field, or folders (default: embedded corpus)")
+    deprecated_alias(prepare, "--input", "--data", "data", nargs="+")
     prepare.add_argument("--out", required=True, metavar="DIR", help="folder for the shards and manifest.json")
     prepare.add_argument("--val-fraction", type=float, default=0.05,
                          help="fraction of documents held out for validation (default 0.05)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default 0)")
-    prepare.add_argument("--max-bytes", type=int, default=DEFAULT_CORPUS_BYTES,
-                         help=f"size of the embedded corpus when no --input (default {DEFAULT_CORPUS_BYTES:,})")
+    prepare.add_argument("--corpus-bytes", type=int, default=DEFAULT_CORPUS_BYTES,
+                         help=f"size of the embedded corpus when no --data (default {DEFAULT_CORPUS_BYTES:,})")
+    deprecated_alias(prepare, "--max-bytes", "--corpus-bytes", "corpus_bytes", type=int)
 
     info = actions.add_parser("info", help="summarise a prepared folder and decode a sample")
     info.add_argument("data", metavar="DIR", help="folder written by `tritium data prepare`")
@@ -36,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from tritium.train.data import PackedDataset, prepare_data, read_manifest
 
     if args.action == "prepare":
-        if args.max_bytes <= 0:
-            raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")
+        if args.corpus_bytes <= 0:
+            raise ValueError(f"--corpus-bytes must be positive, got {args.corpus_bytes}")
         tokenizer = Tokenizer.load(args.tokenizer)
         start = time.perf_counter()
-        manifest = prepare_data(args.input, tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                                max_bytes=args.max_bytes)
+        manifest = prepare_data(args.data, tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                                max_bytes=args.corpus_bytes)
         seconds = time.perf_counter() - start
         _print_summary(args.out, manifest)
         print(f"prepared in {seconds:.1f}s")

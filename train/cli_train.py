@@ -21,6 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
+from tritium.runs import claim_run_folder
 from tritium.train.config import TrainConfig, add_train_arguments
 
 HELP = "pretrain on DeepSpeed ZeRO 0-3 (--nproc N spawns ranks; CPU ranks use gloo)"
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return run_rank(cfg)
     world = planned_world_size(cfg)
     cfg.validate(world)  # batch layout, stages, paths: before any work
+    claim_run_folder(cfg.out, resume=bool(cfg.resume), overwrite=args.overwrite,
+                     inputs=[*cfg.data, cfg.tokenizer, cfg.init_from])
     if cfg.resume:
         _check_resume(cfg)
     if world == 1:

@@ -15,11 +15,13 @@ rejected here with a message naming the field, before a process is spawned.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tritium.flags import deprecated_alias
+from tritium.model.config import ConfigFile
 
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -29,7 +31,7 @@ OFFLOAD_DEVICES = ("cpu", "nvme")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigFile):
     # ---- model
     preset: str = "tiny"  # model preset for ModelConfig.from_name (ignored when init_from is set)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on top of the preset
@@ -195,42 +197,16 @@ class TrainConfig:
         return self.batch_layout(world_size)[2] * self.seq_len
 
     # ------------------------------------------------------------------ files
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        if not isinstance(data, dict):
-            raise ValueError(f"TrainConfig: expected a mapping, got {type(data).__name__}")
-        data = dict(data.get("train", data))  # accept {"train": {...}} as written into a run's config.json
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        if isinstance(data, dict):
+            data = data.get("train", data)  # accept {"train": {...}} as written into a run's config.json
+        return cls(**cls.checked_fields(data))
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a YAML (.yaml/.yml) or JSON file of TrainConfig fields, then apply ``overrides``."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
-        text = path.read_text()
-        import yaml
-
-        try:
-            data = (yaml.safe_load(text) or {}) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise ValueError(f"training config {path} could not be parsed: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"training config {path} must hold a mapping of TrainConfig fields")
+        data = dict(cls.read_file(path, "training config"))
         data = dict(data.get("train", data))
         data.update(overrides)
         return cls.from_dict(data)
@@ -296,7 +272,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, data: bool = True) -
     group.add_argument("--preset", help="model preset (tiny, small, 1b, llama2-7b, llama3-8b, seed-7b)")
     group.add_argument("--model-override", action="append", metavar="KEY=VALUE",
                        help="ModelConfig field on top of the preset, e.g. num_layers=2 (repeatable)")
-    group.add_argument("--init-from", dest="init_from", help="HF-layout checkpoint dir to start from")
+    group.add_argument("--checkpoint", dest="init_from", metavar="DIR",
+                       help="model to start from: an HF-layout dir with tokenizer.model (a run's final/)")
+    deprecated_alias(group, "--init-from", "--checkpoint", "init_from")
     group.add_argument("--backend", help="kernel backend: auto, triton, torch, sdpa, ...")
     if data:
         group.add_argument("--data", nargs="+", help="prepared data dir, or raw text files/dirs (prepared on the "
@@ -336,6 +314,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, data: bool = True) -
     group.add_argument("--save-interval", type=int)
     group.add_argument("--keep-last", type=int)
     group.add_argument("--resume", nargs="?", const="latest", help="resume: 'latest' (default) or a checkpoint path")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing --out run folder")
     group.add_argument("--peak-flops", type=float, help="per-device peak FLOP/s for MFU")
     group.add_argument("--gradient-checkpointing", action="store_true")
     group.add_argument("--tensorboard", action="store_true")

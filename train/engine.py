@@ -24,13 +24,13 @@ import json
 import math
 import os
 import random
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tritium.net import free_port
 from tritium.train.config import TrainConfig
 
 # DeepSpeed prints a line every steps_per_print steps; the loop does its own logging.
@@ -38,12 +38,6 @@ _QUIET_STEPS = 10**9
 
 
 # ---------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 SINGLE_PROCESS_MARKER = "TRITIUM_SINGLE_PROCESS_WORLD"
 SINGLE_PROCESS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                        SINGLE_PROCESS_MARKER)
@@ -66,7 +60,7 @@ def init_distributed(cfg: TrainConfig | None = None) -> tuple[int, int, int]:
         # DeepSpeed reads these from the environment; the marker says we made them up, so a
         # launcher started later from this process (a test, a notebook) does not think it is a rank.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                           **{SINGLE_PROCESS_MARKER: "1"})
     import deepspeed
     import torch.distributed as dist

@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from tritium.net import free_port
 from tritium.train.config import TrainConfig
 
 RANK_MODULE = "tritium.train"
@@ -67,12 +67,6 @@ def planned_world_size(cfg: TrainConfig) -> int:
     return cfg.nproc * cfg.nnodes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _deepspeed_runner() -> list[str]:
     script = Path(sys.executable).with_name("deepspeed")
     if script.is_file():
@@ -91,7 +85,7 @@ def launcher_command(cfg: TrainConfig, rank_args: list[str], module: str = RANK_
                              "(see the README's multi-node section) or use --launcher deepspeed with --hostfile")
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
                 "-m", module, *rank_args]
-    command = [*_deepspeed_runner(), f"--master_port={_free_port()}"]
+    command = [*_deepspeed_runner(), f"--master_port={free_port()}"]
     if cfg.hostfile:
         command += [f"--hostfile={cfg.hostfile}", f"--num_nodes={cfg.nnodes}"]
     command += [f"--num_gpus={cfg.nproc}", "--module", module, *rank_args]

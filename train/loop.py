@@ -30,7 +30,13 @@ import torch
 
 from tritium.train.checkpoints import Checkpointer, rng_state
 from tritium.train.config import TrainConfig
-from tritium.train.metrics import MetricsWriter, device_peak_flops, memory_stats, read_metrics
+from tritium.train.metrics import (
+    MetricsWriter,
+    device_peak_flops,
+    memory_stats,
+    model_flops_utilization,
+    read_metrics,
+)
 
 LossFn = Callable[[Any, Mapping[str, Any]], "tuple[torch.Tensor, Mapping[str, Any]]"]
 BatchSource = Callable[[int], Iterable[Mapping[str, Any]]]
@@ -337,10 +343,9 @@ def _log_record(engine, state: LoopState, sums: dict[str, float], count: int, to
     tokens_per_s = total_tokens / elapsed
     record["tokens_per_s"] = tokens_per_s
     record["tokens"] = state.tokens + int(total_tokens)
-    if flops_per_token and peak and math.isfinite(peak):
-        record["mfu"] = tokens_per_s * flops_per_token / (peak * world)
-    else:
-        record["mfu"] = None
+    record["mfu"], why = model_flops_utilization(tokens_per_s * (flops_per_token or math.nan), peak * world)
+    if why:
+        record["mfu_note"] = why
     record["peak_flops"] = peak if math.isfinite(peak) else None
     record["peak_flops_source"] = peak_source
     if engine.fp16_enabled():

@@ -5,9 +5,10 @@ Model FLOPs per token come from ``tritium.model.sizing.flops_per_token``
 (6N for the matmuls plus the attention term), so recomputation under
 activation checkpointing does not inflate it.  The peak is the device's dense
 bf16/fp16 tensor-core number from its datasheet for GPUs we know, a
-``--peak-flops`` given by the user, or -- on CPU, where no datasheet number
-means much -- a measured fp32 matmul rate on this rank's threads, labelled
-``measured-cpu-matmul`` in metrics.jsonl so nobody mistakes it for a spec.
+``--peak-flops`` given by the user, or -- on CPU, where there is no datasheet
+-- the instruction-set bound of this rank's cores (``cpu_peak_flops``), labelled
+``cpu-isa-bound:...`` in metrics.jsonl.  An MFU above 100% is never reported
+(``model_flops_utilization``): it would mean the peak is wrong.
 """
 from __future__ import annotations
 
@@ -55,6 +56,49 @@ def measure_cpu_matmul_flops(size: int = 512, repeats: int = 8) -> float:
     return 2 * size**3 / max(best, 1e-9)
 
 
+def model_flops_utilization(model_flops_per_s: float, peak_flops_per_s: float) -> tuple[float | None, str | None]:
+    """(MFU, None), or (None, why) when the peak is unknown or the ratio exceeds 1.
+
+    An MFU above 100% is impossible, so it means the peak is wrong -- typically a CPU matmul rate
+    measured while other processes shared the cores -- and is never reported as a number.
+    """
+    if not model_flops_per_s > 0:
+        return None, "model FLOPs per token unknown"
+    if not peak_flops_per_s or not math.isfinite(peak_flops_per_s):
+        return None, "peak FLOP/s unknown: pass --peak-flops"
+    mfu = model_flops_per_s / peak_flops_per_s
+    if mfu > 1.0:
+        return None, (f"above 100% ({mfu:.0%}) against a peak of {peak_flops_per_s / 1e9:,.1f} GFLOP/s: the peak is "
+                      "too low (on CPU, a matmul rate measured on shared cores); pass --peak-flops")
+    return mfu, None
+
+
+def cpu_peak_flops() -> tuple[float, str] | None:
+    """fp32 peak of the cores this rank may use: cores x clock x FLOPs per cycle, from /proc/cpuinfo.
+
+    A CPU has no datasheet number to look up, and a matmul measured on shared cores swings several-fold
+    between runs (44.7 to 221 GFLOP/s on one 2-core box), which once made MFU read 157%.  The
+    instruction-set bound is steady and never below what the cores can do: FMA units x vector width x 2
+    -- 64 FLOP/cycle with AVX-512 (two FMA units), 32 with AVX2+FMA, 16 with AVX, 8 otherwise.  Cores:
+    this rank's torch threads, at most its share of the machine (``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE`` ranks).  None
+    where /proc/cpuinfo is missing (macOS, Windows).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    mhz = [float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
+    if not mhz:
+        return None
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16 if "avx" in flags else 8
+    local_ranks = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"  # torchrun, deepspeed
+    share = max(1, (os.cpu_count() or 1) // max(1, int(local_ranks)))
+    cores = max(1, min(torch.get_num_threads(), share))
+    ghz = max(mhz) / 1e3
+    return cores * ghz * 1e9 * per_cycle, f"cpu-isa-bound:{cores}x{ghz:.2f}GHzx{per_cycle}"
+
+
 def device_peak_flops(precision: str, override: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s of one device for ``precision``, where the number came from)."""
     if override:
@@ -65,7 +109,10 @@ def device_peak_flops(precision: str, override: float | None = None) -> tuple[fl
             if key in name:
                 return (half if precision in ("bf16", "fp16") else single), f"datasheet:{key}"
         return math.nan, f"unknown-gpu:{name}"
-    return measure_cpu_matmul_flops(), "measured-cpu-matmul"
+    bound = cpu_peak_flops()
+    # the reported clock can sit below turbo: never let a measured rate exceed the bound we divide by
+    return (max(bound[0], measure_cpu_matmul_flops()), bound[1]) if bound else (measure_cpu_matmul_flops(),
+                                                                                 "measured-cpu-matmul")
 
 
 def memory_stats() -> dict[str, float]:

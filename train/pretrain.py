@@ -64,7 +64,8 @@ def prepare_inputs(cfg: TrainConfig, vocab_size: int | None = None):
     else:
         if vocab_size is None:
             vocab_size = cfg.model.get("vocab_size") or ModelConfig.from_name(cfg.preset).vocab_size
-        tokenizer = train_tokenizer(inputs or None, vocab_size, tokenizer_dir, **_corpus_kwargs(cfg, inputs))
+        tokenizer = train_tokenizer(inputs or None, vocab_size, tokenizer_dir, **_corpus_kwargs(cfg, inputs),
+                                    vocab_flag="--model-override vocab_size=N (or a ready --tokenizer)")
     if _is_prepared(data_dir):
         manifest = read_manifest(data_dir)
         if manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint:

@@ -10,12 +10,17 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tritium.net import free_port
+from tritium.runs import claim_run_folder
+
+# Commands light enough to run inside the demo's process (see Demo.tritium).
+_IN_PROCESS = frozenset({"describe", "tokenizer", "data", "generate", "serve-bench"})
 
 # Prompts in the embedded tasks' formats (align/tasks.py), so the aligned model's answers can be checked by eye.
 _DEMO_PROMPTS = ("add: 12 + 7", "reverse: c a t", "sort: 5 2 8")
@@ -24,8 +29,11 @@ HELP = "run the whole lifecycle (before, during, alignment, after) on the embedd
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help="run folder (default: runs/demo-<timestamp>)")
-    parser.add_argument("--quick", action="store_true", help="the short form (< 3 minutes on 2 CPU cores)")
+    parser.add_argument("--out", default="runs/demo",
+                        help="run folder (default runs/demo; OUT/final is the aligned model the README's examples use)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out run folder")
+    parser.add_argument("--quick", action="store_true",
+                        help="the short form (about 2.5 minutes on 2 idle CPU cores; the default form about 10)")
     parser.add_argument("--nproc", type=int, default=None,
                         help="training ranks (default: 2 on CPU, every GPU on a GPU machine)")
     parser.add_argument("--skip-serve", action="store_true", help="stop after generation (no HTTP server)")
@@ -38,22 +46,30 @@ class Demo:
     nproc: int
     log: list[dict] = field(default_factory=list)
 
-    def tritium(self, *args: str, title: str, check: bool = True, env: dict | None = None,
-                capture: bool = False) -> subprocess.CompletedProcess:
+    def tritium(self, *args: str, title: str) -> int:
+        """Print ``tritium ARGS`` and run it; a failure stops the demo.
+
+        Commands that only load a small model (describe, tokenizer, data, generate, serve-bench) run in
+        this process through the same ``tritium.cli.main`` a shell would reach: each subprocess would
+        pay Python and torch start-up again (seconds each on 2 cores).  Training commands start their
+        own processes (DeepSpeed ranks) and run as a subprocess, as from a shell.
+        """
         shown = "tritium " + " ".join(shlex.quote(str(a)) for a in args)
         print(f"\n\033[1m$ {shown}\033[0m   # {title}", flush=True)
         start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "tritium.cli", *map(str, args)], text=True,
-                              env={**os.environ, **(env or {})},
-                              stdout=subprocess.PIPE if capture else None,
-                              stderr=subprocess.STDOUT if capture else None)
+        argv = [str(a) for a in args]
+        if argv[0] in _IN_PROCESS:
+            from tritium.cli import main
+
+            code = main(argv)
+            sys.stdout.flush()
+        else:
+            code = subprocess.run([sys.executable, "-m", "tritium.cli", *argv], env=dict(os.environ)).returncode
         seconds = time.time() - start
-        if capture and proc.stdout:
-            print(proc.stdout, end="")
-        self.log.append({"command": shown, "title": title, "seconds": round(seconds, 1), "exit": proc.returncode})
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"demo step failed ({title}): `{shown}` exited {proc.returncode}")
-        return proc
+        self.log.append({"command": shown, "title": title, "seconds": round(seconds, 1), "exit": code})
+        if code != 0:
+            raise RuntimeError(f"demo step failed ({title}): `{shown}` exited {code}")
+        return code
 
 
 def _save_untrained(out: Path) -> None:
@@ -70,10 +86,18 @@ def _save_untrained(out: Path) -> None:
     Tokenizer.load(out / "tokenizer").save(out / "untrained")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def link_final(out: Path) -> None:
+    """OUT/final: the aligned (DPO) model under the name every run folder gives its model, so the README's
+    `--checkpoint runs/demo/final` examples work after `tritium demo`.  A relative link (a copy where links
+    are not allowed)."""
+    import shutil
+
+    final = out / "final"
+    try:
+        final.symlink_to(Path("dpo") / "final", target_is_directory=True)
+    except OSError:
+        shutil.copytree(out / "dpo" / "final", final)
+    print(f"\n{final} -> dpo/final: the aligned model (`--checkpoint {final}` in the README's examples)")
 
 
 def _default_nproc() -> int:
@@ -83,9 +107,7 @@ def _default_nproc() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} already holds files; choose an empty or new folder")
+    out = claim_run_folder(args.out, overwrite=args.overwrite, resumable=False)
     out.mkdir(parents=True, exist_ok=True)
     nproc = args.nproc or _default_nproc()
     demo = Demo(out=out, quick=args.quick, nproc=nproc)
@@ -98,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n=== 1. Before: the dials fix the shape, the tokenizer fixes the vocabulary ===")
     for preset in ("tiny", "seed-7b", "llama2-7b"):
         demo.tritium("describe", "--preset", preset, "--gpus", "8", title=f"size the {preset} preset")
-    corpus = ["--max-bytes", "1000000"] if q else []
+    corpus = ["--corpus-bytes", "1000000"] if q else []
     demo.tritium("tokenizer", "train", "--vocab-size", "2048", "--out", out / "tokenizer", *corpus,
                  title="train a sentencepiece BPE tokenizer on the embedded corpus")
     demo.tritium("data", "prepare", "--tokenizer", out / "tokenizer", "--out", out / "data", *corpus,
@@ -125,12 +147,13 @@ def run(args: argparse.Namespace) -> int:
                  "--save-interval", 0, *tasks, "--out", out / "dpo",
                  title="preference tuning (DPO) against the SFT model as reference")
     demo.tritium("align-eval", "--checkpoint", out / "pretrain" / "final", out / "sft" / "final",
-                 out / "dpo" / "final", "--labels", "pretrained", "sft", "dpo", "--reference", out / "sft" / "final",
+                 out / "dpo" / "final", "--labels", "pretrained", "sft", "dpo", "--reference-checkpoint", out / "sft" / "final",
                  "--out", out / "align-eval", *tasks, *(["--max-examples", "40", "--max-pairs", "40"] if q else []),
                  title="before/after table: exact match, format compliance, preference accuracy")
 
     print("\n=== 4. After: frozen weights, KV-cached generation, an OpenAI-compatible server ===")
-    demo.tritium("generate", "--checkpoint", out / "dpo" / "final", "--chat", "--max-tokens", "24",
+    link_final(out)
+    demo.tritium("generate", "--checkpoint", out / "final", "--chat", "--max-tokens", "24",
                  "--greedy", _DEMO_PROMPTS[0], title="stream a chat answer with the KV cache")
     if not args.skip_serve:
         _serve_stage(demo)
@@ -142,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
 def _serve_stage(demo: Demo) -> None:
     import httpx
 
-    port = _free_port()
-    ckpt = demo.out / "dpo" / "final"
+    port = free_port()
+    ckpt = demo.out / "final"
     cmd = ["tritium", "serve", "--checkpoint", str(ckpt), "--port", str(port)]
     print(f"\n\033[1m$ {' '.join(cmd)} &\033[0m   # serve on 127.0.0.1 in the background", flush=True)
     log_file = open(demo.out / "serve.log", "w")
@@ -180,7 +203,7 @@ def _serve_stage(demo: Demo) -> None:
         print("GET /metrics (excerpt):\n  " + "\n  ".join(shown[:14]))
         (demo.out / "serve_exchanges.json").write_text(json.dumps(exchanges, indent=2) + "\n")
         demo.tritium("serve-bench", "--url", base, "--concurrency", "4", "--requests", "8" if demo.quick else "32",
-                     "--prompt-tokens", "8,32", "--max-tokens", "8,16", "--traffic-rps", "5", "--model-config", "tiny",
+                     "--prompt-tokens", "8,32", "--max-tokens", "8,16", "--requests-per-s", "5", "--model-config", "tiny",
                      "--json", demo.out / "serve_bench.json",
                      title="load the server and turn measured tokens/s into GPUs needed and cost per 1M tokens")
     finally:

@@ -49,7 +49,7 @@ def test_sft_then_dpo_then_eval(tmp_path, toy_checkpoint):
     eval_dir = tmp_path / "eval"
     assert main(["align-eval", "--checkpoint", str(toy_checkpoint), str(sft_dir / "final"), str(dpo_dir / "final"),
                  "--out", str(eval_dir), "--labels", "pretrain,sft", "dpo", "--per-task", "20", "--max-examples", "6", "--max-pairs", "6",
-                 "--max-new-tokens", "4", "--reference", str(sft_dir / "final")]) == 0
+                 "--max-tokens", "4", "--reference-checkpoint", str(sft_dir / "final")]) == 0
     rows = json.loads((eval_dir / "align_eval.json").read_text())
     assert [r["label"] for r in rows] == ["pretrain", "sft", "dpo"]
     for row in rows:

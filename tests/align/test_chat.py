@@ -13,9 +13,21 @@ def test_markers_are_the_contract_strings():
 def test_render_chat_layout():
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "yo"}]
-    assert render_chat(messages, add_generation_prompt=False) == (
-        "<|system|>be brief<|end|><|user|>hi<|end|><|assistant|>yo<|end|>")
-    assert render_chat(messages[:2]) == "<|system|>be brief<|end|><|user|>hi<|end|><|assistant|>"
+    assert render_chat(messages) == "<s><|system|>be brief<|end|><|user|>hi<|end|><|assistant|>yo<|end|>"
+    assert render_chat(messages[:2], add_generation_prompt=True) == (
+        "<s><|system|>be brief<|end|><|user|>hi<|end|><|assistant|>")
+
+
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_render_chat_is_the_text_of_encode_chat(char_tokenizer, generation_prompt):
+    """Same defaults, same BOS, same markers: the rendered text spells encode_chat's ids piece by piece."""
+    tok = char_tokenizer
+    messages = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "xy"}]
+    kwargs = {"add_generation_prompt": True} if generation_prompt else {}
+    ids, _ = encode_chat(tok, messages, **kwargs)
+    names = {tok.bos_id: "<s>", **{i: m for m, i in tok.special_ids.items()}}
+    text = "".join(names[i] if i in names else tok.decode([i]) for i in ids)
+    assert render_chat(messages, **kwargs) == text
 
 
 def test_encode_chat_exact_ids_and_mask(char_tokenizer):

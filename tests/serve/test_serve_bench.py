@@ -1,4 +1,4 @@
-"""serve-bench and cost accounting: percentiles against numpy, the load generator against a real server,
+"""serve-bench and cost accounting: the load generator against a real server,
 the cost arithmetic against hand formulas, and the CLI spawning `tritium serve` from a checkpoint."""
 from __future__ import annotations
 
@@ -6,21 +6,11 @@ import json
 import math
 import random
 
-import numpy as np
 import pytest
 from serve_harness import running_server, tiny_model, tiny_tokenizer
 
-from tritium.serve.cli_serve_bench import BenchConfig, make_workload, percentile, run_bench
+from tritium.bench.serve_load import BenchConfig, make_workload, run_bench
 from tritium.serve.cost import TrafficTarget, estimate_cost
-
-
-def test_percentile_matches_numpy():
-    rng = random.Random(5)
-    for n in (1, 2, 7, 123):
-        values = [rng.expovariate(3.0) for _ in range(n)]
-        for q in (0, 50, 90, 99, 100):
-            assert math.isclose(percentile(values, q), float(np.percentile(values, q)), rel_tol=1e-12)
-    assert percentile([], 50) is None
 
 
 def test_cost_arithmetic():
@@ -54,8 +44,9 @@ def test_bench_against_real_server():
     assert result.completed == 10 and result.failed == 0, result.errors
     work = make_workload(cfg)
     assert math.isclose(result.mean_output_tokens, sum(m for _, m in work) / len(work))  # ignore_eos: exact
-    expected_prompt = [len(tiny_tokenizer().encode(p, bos=True)) for p, _ in work]
-    assert math.isclose(result.mean_prompt_tokens, sum(expected_prompt) / len(work))
+    # prompt lengths are tokens, exactly as asked (token-id prompts), whatever the server's tokenizer
+    assert all(isinstance(p, list) and len(p) in (3, 9) for p, _ in work)
+    assert math.isclose(result.mean_prompt_tokens, sum(len(p) for p, _ in work) / len(work))
     assert math.isclose(result.output_tokens_per_s, result.mean_output_tokens * result.completed / result.wall_s)
     assert 0 < result.ttft_p50_s <= result.ttft_p99_s < result.wall_s
     assert 0 < result.itl_p50_s <= result.itl_p99_s
@@ -75,7 +66,7 @@ def test_cli_spawns_server_from_checkpoint(tmp_path, capsys):
     tiny_tokenizer().save(ckpt)
     out = tmp_path / "bench.json"
     code = main(["serve-bench", "--checkpoint", str(ckpt), "--requests", "4", "--concurrency", "2",
-                 "--prompt-tokens", "4", "--max-tokens", "3", "--traffic-rps", "2", "--itl-target-ms", "5000",
+                 "--prompt-tokens", "4", "--max-tokens", "3", "--requests-per-s", "2", "--itl-target-ms", "5000",
                  "--json", str(out), "--server-arg=--device=cpu", "--server-arg=--max-num-seqs=4"])
     assert code == 0
     report = json.loads(out.read_text())
@@ -85,5 +76,36 @@ def test_cli_spawns_server_from_checkpoint(tmp_path, capsys):
     assert cost["meets_latency_target"] is True and cost["model_estimate"]["gpus_needed"] >= 1
     printed = capsys.readouterr().out
     assert "output tokens/s" in printed and "$ per 1M output tokens" in printed
+    assert "latency_feasible" not in printed  # one latency verdict, from the measurements
     with pytest.raises(ValueError, match="--concurrency"):
         BenchConfig(url="http://127.0.0.1:1", concurrency=0)
+
+
+def test_cli_refuses_to_price_a_failing_run(tmp_path, capsys):
+    """Prompts longer than the model's context fail; serve-bench then prints why, prices nothing, exits 1."""
+    from serve_harness import MAX_SEQ_LEN
+
+    from tritium.cli import main
+
+    out = tmp_path / "bench.json"
+    with running_server() as srv:
+        code = main(["serve-bench", "--url", srv.url, "--requests", "4", "--concurrency", "2",
+                     "--prompt-tokens", f"4,{MAX_SEQ_LEN + 8}", "--max-tokens", "2", "--seed", "1",
+                     "--json", str(out)])
+    assert code == 1
+    report = json.loads(out.read_text())
+    assert report["bench"]["completed"] >= 1  # a partly working run is refused too, not only a dead one
+    assert report["cost"] is None and report["bench"]["failed"] >= 1 and "failed" in report["refused"]
+    printed = capsys.readouterr().out
+    assert "no cost estimate" in printed and "$ per 1M" not in printed and "context length" in printed
+
+
+def test_bench_sends_the_api_key(monkeypatch):
+    from tritium.serve.api import ServeConfig
+
+    cfg_kwargs = {"concurrency": 2, "requests": 2, "prompt_tokens": (3,), "max_tokens": (2,)}
+    with running_server(ServeConfig(api_key="s3cret")) as srv:
+        keyed = run_bench(BenchConfig(url=srv.url, api_key="s3cret", model="tritium", **cfg_kwargs))
+        unkeyed = run_bench(BenchConfig(url=srv.url, model="tritium", **cfg_kwargs))
+    assert keyed.completed == 2 and keyed.failed == 0, keyed.errors
+    assert unkeyed.completed == 0 and unkeyed.failure_rate == 1.0

@@ -62,7 +62,8 @@ def test_two_rank_pretraining_loss_falls_and_exports(baseline):
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm", "mem_gib"):
         assert all(r.get(key) is not None for r in train), key
-    assert train[0]["peak_flops_source"] == "measured-cpu-matmul"
+    assert train[0]["peak_flops_source"].startswith(("cpu-isa-bound", "measured-cpu-matmul"))
+    assert all(0 < r["mfu"] <= 1 for r in train)
     first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert any("val_loss" in r and "val_ppl" in r for r in records)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tritium.net import free_port
 
 GLOBAL_BATCH = 8
 SEQ_LEN = 16
@@ -90,12 +91,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torch_reference() -> list[float]:
     """The same 4 steps with plain PyTorch: AdamW (decay on matrices), LambdaLR, clipping, full batch."""
     from tritium.model.transformer import Transformer
@@ -126,7 +121,7 @@ def _torch_reference() -> list[float]:
 @pytest.mark.slow
 def test_zero_stages_on_two_ranks_match_one_rank(tmp_path):
     for world in (1, 2):
-        mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True,
                            start_method="spawn")
     one = json.loads((tmp_path / "world1.json").read_text())["zero0"]
     two = json.loads((tmp_path / "world2.json").read_text())
