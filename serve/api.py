@@ -31,6 +31,7 @@ import hmac
 import inspect
 import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -174,6 +175,7 @@ class _Server:
         self.capacity = int(getattr(self.llm, "max_num_seqs", 0) or 0) + config.max_queue
         self.policy = Policy.load(config.policy_file) if config.policy_file else None
         self._policy_grammar: Any = None  # the policy's schema as a StructuredOutput; False = not compilable
+        self._warm_grammar_backend()
         self.docs = None
         if config.docs_dir:
             from tritium.serve.retrieval import DocIndex
@@ -317,6 +319,21 @@ class _Server:
             params.append(p)
         return _Job(rid=new_id(chat), req=req, prompts=prompt_ids, params=params, t0=t0,
                     endpoint=endpoint, extra=extra)
+
+    def _warm_grammar_backend(self) -> None:
+        """Import xgrammar and describe the vocabulary to it off the request path (the import alone takes
+        seconds on a busy CPU), so the first structured-output request does not stall the event loop."""
+        import importlib.util
+
+        if importlib.util.find_spec("xgrammar") is None:
+            return
+
+        def warm() -> None:
+            from tritium.serve.grammar import backend_for
+
+            with contextlib.suppress(Exception):
+                backend_for(self.tokenizer)
+        threading.Thread(target=warm, name="tritium-grammar-warmup", daemon=True).start()
 
     def _structured(self, req: ParsedRequest) -> Any:
         """The request's grammar constraint, compiled now so a spec xgrammar rejects is a 400 naming its field

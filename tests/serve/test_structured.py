@@ -21,15 +21,15 @@ from tritium.serve.sampling import SamplingParams  # noqa: E402
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 4},
+        "name": {"type": "string", "minLength": 1, "maxLength": 3},
         "role": {"enum": ["admin", "user", "guest"]},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 2}, "minItems": 1, "maxItems": 2},
-        "address": {"type": "object", "properties": {"zip": {"type": "integer", "minimum": 10000, "maximum": 99999},
-                                                      "ok": {"type": "boolean"}},
-                    "required": ["zip", "ok"]},
+        "home": {"type": "object", "properties": {"floor": {"type": "integer", "minimum": -2, "maximum": 9},
+                                                   "ok": {"type": "boolean"}},
+                 "required": ["floor", "ok"]},
     },
-    "required": ["name", "role", "age", "tags", "address"],
+    "required": ["name", "role", "age", "tags", "home"],
 }
 POINTS = {
     "type": "object",
@@ -42,6 +42,20 @@ POINTS = {
     "required": ["points", "closed"],
 }
 N = 6  # requests per schema
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    """conftest's serve_model with a longer context: a random model's answers take ~70-90 tokens (it often
+    spells characters as byte pieces), so max_tokens=150 leaves a wide margin."""
+    from tritium.model.config import ModelConfig
+    from tritium.model.transformer import Transformer
+
+    torch.manual_seed(1234)
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden=128,
+                      vocab_size=tiny_tokenizer.vocab_size, max_seq_len=160, initializer_range=0.2,
+                      tie_embeddings=True, backend="torch", name="structured-test")
+    return Transformer(cfg, backend="torch").eval()
 
 
 def run_engine(engine, requests):
@@ -78,12 +92,14 @@ def test_mask_only_touches_grammar_rows_and_padded_columns(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("schema", [PERSON, POINTS], ids=["person", "points"])
-def test_json_schema_at_temperature_1_always_valid(serve_model, tiny_tokenizer, schema):
+def test_json_schema_at_temperature_1_always_valid(model, tiny_tokenizer, schema):
     from tritium.serve.engine import LLMEngine
 
-    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=8, num_blocks=128, max_num_seqs=N + 1)
+    # 50 blocks of 8 cannot hold 7 sequences of ~80 tokens: requests get preempted and recomputed mid-answer,
+    # and their grammar state must survive that.
+    engine = LLMEngine(model, tiny_tokenizer, block_size=8, num_blocks=50, max_num_seqs=N + 1)
     structured = StructuredOutput.json_schema(schema)
-    requests = [(f"j{i}", "x", SamplingParams(max_tokens=88, temperature=1.0, seed=i,
+    requests = [(f"j{i}", "x", SamplingParams(max_tokens=150, temperature=1.0, seed=i,
                                                          structured=structured)) for i in range(N)]
     requests.append(("plain", "x", SamplingParams(max_tokens=8, temperature=1.0, seed=0)))
     final = run_engine(engine, requests)
@@ -93,16 +109,16 @@ def test_json_schema_at_temperature_1_always_valid(serve_model, tiny_tokenizer, 
         jsonschema.validate(json.loads(out.text), schema)  # strict json: control characters would fail
         assert out.completion_tokens == len(out.token_ids)
     # The unconstrained row in the same batch samples exactly what it samples alone.
-    alone = run_engine(LLMEngine(serve_model, tiny_tokenizer, block_size=8, num_blocks=64, max_num_seqs=2),
+    alone = run_engine(LLMEngine(model, tiny_tokenizer, block_size=8, num_blocks=64, max_num_seqs=2),
                        [requests[-1]])
     assert final["plain"].token_ids == alone["plain"].token_ids
-    assert engine.cache.num_used_blocks == 0
+    assert engine.cache.num_used_blocks == 0 and engine.stats()["num_preemptions"] > 0
 
 
-def test_regex_choice_json_object_and_ignore_eos(serve_model, tiny_tokenizer):
+def test_regex_choice_json_object_and_ignore_eos(model, tiny_tokenizer):
     from tritium.serve.engine import LLMEngine
 
-    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=8, num_blocks=128, max_num_seqs=8)
+    engine = LLMEngine(model, tiny_tokenizer, block_size=8, num_blocks=128, max_num_seqs=8)
     pattern = r"[a-z]{2,5}@[0-9]{1,3}\.(com|org)"
     choices = ["red", "green", "blue sky", "é\"q"]
     requests = []
@@ -125,7 +141,7 @@ def test_regex_choice_json_object_and_ignore_eos(serve_model, tiny_tokenizer):
         assert obj.finish_reason == "length" and obj.text.startswith("{")
 
 
-def test_no_grammar_no_grammar_work(serve_model, tiny_tokenizer, monkeypatch):
+def test_no_grammar_no_grammar_work(model, tiny_tokenizer, monkeypatch):
     """Requests without a grammar never reach the grammar code (the fast path has no per-step cost)."""
     from tritium.serve import grammar
     from tritium.serve.engine import LLMEngine
@@ -135,7 +151,7 @@ def test_no_grammar_no_grammar_work(serve_model, tiny_tokenizer, monkeypatch):
 
     monkeypatch.setattr(grammar, "mask_logits", boom)
     monkeypatch.setattr(grammar, "backend_for", boom)
-    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=8, num_blocks=64, max_num_seqs=4)
+    engine = LLMEngine(model, tiny_tokenizer, block_size=8, num_blocks=64, max_num_seqs=4)
     final = run_engine(engine, [(f"p{i}", "x", SamplingParams(max_tokens=5, seed=i)) for i in range(3)])
     assert all(out.finish_reason in ("stop", "length") for out in final.values())
 
@@ -165,11 +181,11 @@ def test_openai_client_response_format(server):
     before = metric_value(httpx.get(f"{server.url}/metrics").text, "tritium_completion_tokens_total")
     fmt = {"type": "json_schema", "json_schema": {"name": "points", "schema": POINTS, "strict": True}}
     chat = oai.chat.completions.create(model="tritium", messages=[{"role": "user", "content": "Two points?"}],
-                                       response_format=fmt, max_tokens=100, temperature=1.0, seed=1, n=2)
+                                       response_format=fmt, max_tokens=120, temperature=1.0, seed=1, n=2)
     for choice in chat.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), POINTS)
-    stream = oai.completions.create(model="tritium", prompt="Answer:", max_tokens=100, temperature=1.0, seed=2,
+    stream = oai.completions.create(model="tritium", prompt="Answer:", max_tokens=120, temperature=1.0, seed=2,
                                     extra_body={"response_format": fmt}, stream=True,
                                     stream_options={"include_usage": True})
     parts, usage, reasons = [], None, []
