@@ -64,6 +64,10 @@ def load_all() -> dict[str, Case]:
     except ImportError:  # serve extra missing: generation cases are simply absent
         pass
     try:
+        from tritium.bench import cases_structured  # noqa: F401
+    except ImportError:  # serve extra missing
+        pass
+    try:
         from tritium.bench import cases_train  # noqa: F401
     except ImportError:  # deepspeed missing (e.g. a bare GPU box): training cases are absent
         pass

@@ -31,6 +31,7 @@ import hmac
 import inspect
 import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -173,6 +174,8 @@ class _Server:
             raise ValueError("cannot tell the model's context length: pass ServeConfig.context_length")
         self.capacity = int(getattr(self.llm, "max_num_seqs", 0) or 0) + config.max_queue
         self.policy = Policy.load(config.policy_file) if config.policy_file else None
+        self._policy_grammar: Any = None  # the policy's schema as a StructuredOutput; False = not compilable
+        self._warm_grammar_backend()
         self.docs = None
         if config.docs_dir:
             from tritium.serve.retrieval import DocIndex
@@ -277,6 +280,7 @@ class _Server:
         for num_tokens in map(len, prompt_ids):
             self._check_policy(lambda n=num_tokens: self.policy.check_prompt_tokens(n))
 
+        structured = self._structured(req)
         params = []
         for ids in prompt_ids:
             room = self.context_length - len(ids)
@@ -296,7 +300,7 @@ class _Server:
             else:
                 default = cap if chat else self.config.default_completion_tokens
                 max_tokens = min(default, room)
-            sampling = dict(req.sampling)
+            sampling = dict(req.sampling, structured=structured)
             if chat:
                 from tritium.model.chat import stop_token_ids
 
@@ -315,6 +319,45 @@ class _Server:
             params.append(p)
         return _Job(rid=new_id(chat), req=req, prompts=prompt_ids, params=params, t0=t0,
                     endpoint=endpoint, extra=extra)
+
+    def _warm_grammar_backend(self) -> None:
+        """Import xgrammar and describe the vocabulary to it off the request path (the import alone takes
+        seconds on a busy CPU), so the first structured-output request does not stall the event loop."""
+        import importlib.util
+
+        if importlib.util.find_spec("xgrammar") is None:
+            return
+
+        def warm() -> None:
+            from tritium.serve.grammar import backend_for
+
+            with contextlib.suppress(Exception):
+                backend_for(self.tokenizer)
+        threading.Thread(target=warm, name="tritium-grammar-warmup", daemon=True).start()
+
+    def _structured(self, req: ParsedRequest) -> Any:
+        """The request's grammar constraint, compiled now so a spec xgrammar rejects is a 400 naming its field
+        (the engine then hits the compile cache).  Without one, the output policy's JSON schema becomes the
+        constraint when it compiles (constrain rather than retry; the retry loop stays as a safety net)."""
+        from tritium.serve.grammar import StructuredOutput, backend_for
+
+        if req.structured is None:
+            if self.policy is None or not self.policy.wants_json:
+                return None
+            if self._policy_grammar is None:
+                try:
+                    self._policy_grammar = StructuredOutput.json_schema(self.policy.output.json_schema)
+                    backend_for(self.tokenizer).compile(self._policy_grammar)
+                except (ValueError, ImportError):
+                    self._policy_grammar = False  # validated and retried only
+            return self._policy_grammar or None
+        try:
+            backend_for(self.tokenizer).compile(req.structured)
+        except ValueError as exc:
+            raise bad_request(f"{req.structured_param}: {exc}", req.structured_param) from None
+        except ImportError as exc:
+            raise bad_request(str(exc), req.structured_param, "unsupported_parameter") from None
+        return req.structured
 
     def _check_policy(self, check: Any) -> None:
         if self.policy is None:

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from tritium.serve.grammar import StructuredOutput
 from tritium.serve.sampling import INT64_MAX, SEED_MAX, SEED_MIN
 
 # OpenAI error types by HTTP status (what the official clients map to exception classes).
@@ -65,6 +66,8 @@ class ParsedRequest:
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams keyword arguments
     use_retrieval: bool = True  # extension: "retrieval": false skips --docs for this request
     logprobs: bool = False  # return the chosen tokens' log-probabilities
+    structured: StructuredOutput | None = None  # response_format / guided_regex / guided_choice
+    structured_param: str | None = None  # the request field it came from (named by a 400)
 
 
 MAX_JSON_DEPTH = 32  # OpenAI's bodies nest 4 deep (messages[i].content[j].text); 32 leaves room
@@ -135,12 +138,7 @@ def parse_request(body: Any, *, chat: bool, max_n: int) -> ParsedRequest:
         if body.get(unsupported):
             raise bad_request(f"'{unsupported}' is not supported by this server", unsupported,
                               "unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported; JSON output is enforced by the "
-                              "server policy (output.json_schema)", "response_format", "unsupported_parameter")
+    structured, structured_param = parse_structured(body)
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -234,7 +232,62 @@ def parse_request(body: Any, *, chat: bool, max_n: int) -> ParsedRequest:
         raise bad_request("'retrieval' must be a boolean", "retrieval", "invalid_type")
     return ParsedRequest(chat=chat, model=model, prompts=prompts, messages=messages, max_tokens=max_tokens, n=n,
                          stream=stream, include_usage=include_usage, sampling=sampling,
-                         use_retrieval=use_retrieval, logprobs=logprobs)
+                         use_retrieval=use_retrieval, logprobs=logprobs, structured=structured,
+                         structured_param=structured_param)
+
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for json_schema.name
+
+
+def parse_structured(body: dict[str, Any]) -> tuple[StructuredOutput | None, str | None]:
+    """The request's structured-output constraint and the field it came from.
+
+    OpenAI's ``response_format``: ``{"type": "text"}`` (none), ``{"type": "json_object"}``, or
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": true}}``; and vLLM's
+    extra fields ``guided_regex`` (a pattern the whole answer matches) and ``guided_choice`` (a list of
+    strings; the answer is exactly one of them).  At most one of them per request; anything malformed is
+    a 400 naming the field.
+    """
+    found: list[tuple[StructuredOutput, str]] = []
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise bad_request("'response_format' must be an object such as {'type': 'json_object'}",
+                              "response_format", "invalid_type")
+        kind = response_format.get("type")
+        if kind == "json_object":
+            found.append((StructuredOutput.json_object(), "response_format"))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict):
+                raise bad_request("response_format of type 'json_schema' needs a 'json_schema' object with 'name' "
+                                  "and 'schema'", "response_format")
+            name = spec.get("name")
+            if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+                raise bad_request("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-', got "
+                                  f"{name!r}", "response_format")
+            if spec.get("strict") is not None and not isinstance(spec.get("strict"), bool):
+                raise bad_request("response_format.json_schema.strict must be a boolean", "response_format",
+                                  "invalid_type")
+            try:
+                found.append((StructuredOutput.json_schema(spec.get("schema")), "response_format"))
+            except ValueError as exc:
+                raise bad_request(f"response_format.json_schema.schema: {exc}", "response_format") from None
+        elif kind != "text":
+            raise bad_request(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                              "response_format")
+    for name, build in (("guided_regex", StructuredOutput.regex), ("guided_choice", StructuredOutput.choice)):
+        value = body.get(name)
+        if value is None:
+            continue
+        try:
+            found.append((build(value), name))
+        except ValueError as exc:
+            raise bad_request(f"'{name}': {exc}", name) from None
+    if len(found) > 1:
+        raise bad_request(f"at most one structured-output constraint per request, got {[n for _, n in found]}",
+                          found[1][1])
+    return found[0] if found else (None, None)
 
 
 def _parse_messages(messages: Any) -> list[dict[str, str]]:

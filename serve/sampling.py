@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from tritium.serve.grammar import StructuredOutput
+
 INT64_MAX = 2**63 - 1
 # torch.Generator.manual_seed accepts [-2**63, 2**64 - 1]; derived seeds (n > 1, JSON retries) wrap into it.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -47,6 +49,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop ids (eos and end-of-turn always stop unless ignore_eos)
     logprobs: bool = False  # report the log-probability (raw model distribution) of each chosen token
     ignore_eos: bool = False  # keep generating through eos / end-of-turn
+    # Structured output (serve/grammar.py): a grammar masks each step's logits so only tokens that keep the
+    # answer valid can be drawn; None = unconstrained (no per-step cost).
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -96,6 +101,8 @@ class SamplingParams:
             fail("logprobs", "a bool")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "a bool")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            fail("structured", "a StructuredOutput or None")
 
     @property
     def greedy(self) -> bool:

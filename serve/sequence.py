@@ -65,6 +65,11 @@ class SequenceState:
         self.vocab_size: int | None = getattr(tokenizer, "vocab_size", None)
         self.finish_reason: str | None = None
         self.error: str | None = None  # why the request failed (finish_reason "error")
+        self.grammar = None  # GrammarState when the request asked for structured output
+        if params.structured is not None:
+            from tritium.serve.grammar import backend_for
+
+            self.grammar = backend_for(tokenizer).matcher(params.structured, sorted(self.stop_ids))
 
     @property
     def finished(self) -> bool:
@@ -82,15 +87,19 @@ class SequenceState:
         """Record a sampled token; returns the text delta and sets ``finish_reason`` when done."""
         if self.finished:
             raise RuntimeError("append() on a finished sequence")
+        if self.grammar is not None:  # first: a token the grammar refuses fails the request, unrecorded
+            self.grammar.accept(token_id)
         self.output_ids.append(token_id)
         if self.logprobs is not None:
             self.logprobs.append(float(logprob) if logprob is not None else float("nan"))
-        if token_id in self.stop_ids:
+        if token_id in self.stop_ids or (self.grammar is not None and self.grammar.terminated):
             self.finish_reason = "stop"
             return self.tracker.finish()  # the stop token's own text is never shown
         delta, stopped = self.tracker.add(token_id)
-        if stopped:
+        if stopped or (self.grammar is not None and self.grammar.complete):
             self.finish_reason = "stop"
+            if not stopped:
+                delta += self.tracker.finish()
         elif len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = "length"
             delta += self.tracker.finish()
@@ -126,8 +135,13 @@ def sample_for(states: Sequence[SequenceState], logits: torch.Tensor) -> tuple[l
     """Sample one token for each state from its row of ``logits`` (B, V).
 
     Columns at or past the tokenizer's size (a model whose embedding/head is padded beyond the
-    tokenizer, e.g. 2112 rows for 2048 pieces) are masked to -inf: they have no text.
+    tokenizer, e.g. 2112 rows for 2048 pieces) are masked to -inf: they have no text.  Rows whose request
+    carries a grammar (structured output) get one batched grammar mask first; without any, nothing runs.
     """
+    if any(s.grammar is not None for s in states):
+        from tritium.serve.grammar import mask_logits
+
+        logits = mask_logits([s.grammar for s in states], logits)
     limit = min((s.vocab_size for s in states if s.vocab_size), default=None)
     if limit is not None and logits.shape[-1] > limit:
         logits = logits.clone()
