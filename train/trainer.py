@@ -49,7 +49,9 @@ def fit(cfg: TrainConfig, *, make_batches: MakeBatches, loss_fn, model_config=No
 
     make_batches(start, rank, world): this rank's micro-batches from micro-batch ``start`` on
         (deterministic, rank-disjoint; called again at the current position if it runs out).
-    loss_fn(model, batch) -> (loss, metrics): see ``tritium.train.loop.run``.
+    loss_fn: the ``tritium.train.loop.Objective`` (``count(batch)``, ``loss(model, batch) -> (sum_loss,
+        metrics)``); a step's loss is the summed loss over all its micro-batches and ranks / their count.
+    eval_loss_fn: the validation objective (default: loss_fn).
     model_config: the ModelConfig (default: from cfg -- init_from's config.json, or preset + overrides).
     init_from: HF-layout dir to load weights from (default cfg.init_from); model: a ready nn.Module instead.
     tokenizer: saved into final/ next to the weights.
