@@ -33,6 +33,7 @@ in their next collective).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -44,7 +45,7 @@ from typing import Any
 
 import torch
 
-from tritium.train.checkpoints import Checkpointer, rng_state
+from tritium.train.checkpoints import Checkpointer, WriteError, agree_on_writes, rng_state
 from tritium.train.config import TrainConfig
 from tritium.train.metrics import MetricsWriter, device_peak_flops, memory_stats, read_metrics
 
@@ -266,7 +267,12 @@ def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: Obj
     grad_accum = engine.gradient_accumulation_steps()
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     peak, peak_source = device_peak_flops(precision, cfg.peak_flops)
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, enabled=is_main)
+    opened: WriteError | None = None
+    try:
+        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, enabled=is_main)
+    except WriteError as exc:
+        writer, opened = MetricsWriter(None, enabled=False), exc
+    agree_on_writes(opened, "metrics log")  # a full disk stops every rank together, before the first step
     history: list[dict[str, Any]] = []
     source = _MicroBatches(batches, state.micro_step)
     eval_objective = as_objective(eval_loss_fn) if eval_loss_fn is not None else objective
@@ -349,16 +355,18 @@ def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: Obj
                             state.best_val_loss = record["val_loss"]
                     if is_main:
                         history.append(record)
-                        writer.write(record)
+                        written = _write_record(writer, record)
                         if on_log is not None:
                             on_log(record)
                         _show(bar, record, cfg)
+                    agree_on_writes(written if is_main else None, "metrics log")
                 elif cfg.eval_interval and make_eval_batches is not None and state.step % cfg.eval_interval == 0:
                     record = {"step": state.step, **evaluate(engine, make_eval_batches, eval_objective,
                                                              cfg.eval_steps)}
                     if is_main:
                         history.append(record)
-                        writer.write(record)
+                        written = _write_record(writer, record)
+                    agree_on_writes(written if is_main else None, "metrics log")
                 if bar is not None:
                     bar.update(1)
                 if stop_now:
@@ -377,8 +385,18 @@ def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: Obj
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        with contextlib.suppress(WriteError):  # a log that cannot be flushed was reported already
+            writer.close()
     return LoopResult(state=state, history=history, interrupted=interrupted, last_checkpoint=last_checkpoint)
+
+
+def _write_record(writer: MetricsWriter, record: dict[str, Any]) -> WriteError | None:
+    """Append ``record`` to metrics.jsonl; a failed write is returned, so every rank can stop together."""
+    try:
+        writer.write(record)
+    except WriteError as exc:
+        return exc
+    return None
 
 
 def _global_count(objective: Objective, window: list[Mapping[str, Any]], dist) -> float:
