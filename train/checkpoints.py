@@ -82,9 +82,9 @@ def write_error(exc: BaseException, path: str | Path, what: str = "") -> WriteEr
 
 
 def _os_error_code(exc: BaseException) -> int | None:
-    """The errno inside a non-OSError that wraps one (safetensors: ``IoError(Os { code: 28, ... })``)."""
-    found = re.search(r"Os \{ code: (\d+)", str(exc))
-    return int(found.group(1)) if found else None
+    """The errno inside a non-OSError that wraps one (safetensors: ``I/O error: ... (os error 28)``)."""
+    found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(exc))
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 @contextlib.contextmanager

@@ -152,12 +152,33 @@ def test_write_error_names_path_and_reason():
 
     error = write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/run/x.pt"), "/run", "checkpoint")
     assert str(error) == "cannot write checkpoint /run/x.pt: No space left on device"
-    # safetensors wraps the OS error in its own type
-    wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: ... })")
+    # safetensors wraps the OS error in its own type (its message on a full tmpfs, safetensors 0.8)
+    wrapped = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert str(write_error(wrapped, "/run/final", "export")) == "cannot write export /run/final: No space left on device"
-    with pytest.raises(WriteError, match=r"^cannot write log /dev/full: No space left on device$"):
-        with writing("/dev/full", "log"), open("/dev/full", "w") as handle:
+    with pytest.raises(WriteError, match=r"^cannot write log /run/metrics.jsonl: No space left on device$"):
+        with writing("/run/metrics.jsonl", "log"), _FullFile("/run/metrics.jsonl") as handle:
             handle.write("x")
+
+
+def test_export_onto_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
+    """export_final (one process): safetensors' own error type still ends as one WriteError line."""
+    from types import SimpleNamespace
+
+    import safetensors.torch
+
+    from tritium.model.config import ModelConfig
+    from tritium.model.transformer import Transformer
+    from tritium.train.checkpoints import WriteError, export_final
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    model = Transformer(ModelConfig(**MODEL), backend="torch")
+    engine = SimpleNamespace(module=model, zero_optimization_partition_weights=lambda: False)
+    with pytest.raises(WriteError, match=r"^cannot write export .*final: No space left on device$"):
+        export_final(engine, tmp_path / "final")
+    assert not (tmp_path / "final").exists()  # the temporary folder is gone, nothing half-written
 
 
 @pytest.mark.slow
