@@ -4,8 +4,10 @@ process group down if the launching ``tritium`` process dies -- even by ``kill -
 ``tritium.train.launch.spawn`` starts this guard as the leader of a new session; the launcher it runs
 (the deepspeed runner -> per-node launcher -> ranks, or torchrun's agent) stays in that session's
 process group.  The guard watches its parent (Linux: ``PR_SET_PDEATHSIG`` wakes it at once; everywhere:
-``getppid()`` polled every 0.2 s).  When the parent is gone it sends SIGTERM to the group -- the ranks
-agree to stop, checkpoint and exit, as on a normal SIGTERM -- and SIGKILL after ``--grace`` seconds.
+``getppid()`` polled every 0.2 s).  When the parent is gone it sends SIGTERM to the group (launchers
+clean up; a small model's ranks may even save a checkpoint) and SIGKILL after ``--grace`` seconds
+(default 2): a parent killed with ``kill -9`` meant "stop now", and an interrupted save never damages
+``latest``.
 Ranks started in a session of their own (torchrun's workers) die with their launcher instead
 (``tritium.train.launch.die_with_parent``, called at rank start).
 
@@ -88,7 +90,7 @@ def stop_group(pgid: int, grace_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tritium.train.guard")
     parser.add_argument("--parent", type=int, required=True, help="pid of the launching process to watch")
-    parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    parser.add_argument("--grace", type=float, default=2.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the launcher command")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -129,14 +129,14 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def guarded(command: list[str], grace_s: float = 10.0) -> list[str]:
+def guarded(command: list[str], grace_s: float = 2.0) -> list[str]:
     """``command`` run under ``tritium.train.guard``, which stops its process group if this process dies."""
     return [sys.executable, "-m", "tritium.train.guard", "--parent", str(os.getpid()), "--grace", str(grace_s),
             "--", *command]
 
 
 def spawn(command: list[str], env: dict[str, str] | None = None, grace_s: float = 300.0,
-          orphan_grace_s: float = 10.0) -> int:
+          orphan_grace_s: float = 2.0) -> int:
     """Run the launcher in its own process group; on SIGTERM/SIGINT signal the whole group and wait for it.
 
     The single-node deepspeed runner does not forward signals (it just dies,
