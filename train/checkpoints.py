@@ -75,10 +75,26 @@ def write_error(exc: BaseException, path: str | Path, what: str = "") -> WriteEr
     """``exc`` (an OSError, or torch's zip-writer RuntimeError) as a one-line WriteError naming ``path``."""
     if isinstance(exc, WriteError):
         return exc
+    exc = os_error_in(exc) or exc
     code = getattr(exc, "errno", None) or _os_error_code(exc)
     reason = os.strerror(code) if isinstance(code, int) and code else getattr(exc, "strerror", None) or str(exc)
     label = f"{what} " if what else ""
     return WriteError(f"cannot write {label}{getattr(exc, 'filename', None) or path}: {reason}", errno_=code)
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one in its ``__cause__``/``__context__`` chain.
+
+    torch.save hits the full disk inside its zip writer, then fails again while closing the archive
+    (``RuntimeError: ... unexpected pos``), which hides the OSError as the context of the second error.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _os_error_code(exc: BaseException) -> int | None:
@@ -92,8 +108,11 @@ def writing(path: str | Path, what: str = "") -> Iterator[None]:
     """Turn an OSError raised while writing ``path`` into a one-line ``WriteError``."""
     try:
         yield
-    except OSError as exc:
-        raise write_error(exc, path, what) from exc
+    except Exception as exc:
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        raise write_error(cause, path, what) from exc
 
 
 def agree_on_writes(error: WriteError | None, what: str) -> None:
@@ -206,8 +225,11 @@ class _SafeCheckpointEngine:
         try:
             with open(path, "wb") as handle:
                 torch.save(state_dict, handle)
-        except OSError as exc:
-            self.failure = write_error(exc, path, "checkpoint")
+        except Exception as exc:  # noqa: BLE001 - the disk-full OSError may hide behind torch's RuntimeError
+            cause = os_error_in(exc)
+            if cause is None:
+                raise
+            self.failure = write_error(cause, path, "checkpoint")
 
     def makedirs(self, path, exist_ok: bool = False) -> None:
         try:
@@ -415,8 +437,11 @@ class Checkpointer:
                 try:
                     with open(rank_file, "wb") as handle:
                         torch.save(rank_state, handle)
-                except OSError as exc:
-                    error = write_error(exc, rank_file, "checkpoint")
+                except Exception as exc:  # noqa: BLE001 - see _SafeCheckpointEngine.save
+                    cause = os_error_in(exc)
+                    if cause is None:
+                        raise
+                    error = write_error(cause, rank_file, "checkpoint")
             agree_on_writes(error, what)  # every rank's files are on disk
             if rank == 0:
                 files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*"))
@@ -537,8 +562,9 @@ def export_final(engine, out_dir: str | Path, tokenizer=None, extra_files: dict[
             for name, text in (extra_files or {}).items():
                 (out_dir / name).write_text(text)
         except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error type
-            if not isinstance(exc, OSError) and _os_error_code(exc) is None:
+            cause = os_error_in(exc)
+            if cause is None and _os_error_code(exc) is None:
                 raise
-            error = write_error(exc, out_dir, "export")
+            error = write_error(cause or exc, out_dir, "export")
     agree_on_writes(error, f"export {out_dir}")
     return out_dir if rank == 0 else None

@@ -40,13 +40,21 @@ class _Payload:
 
 
 class _FullFile:
-    """A writable file on a full disk: the first write raises ENOSPC, as the kernel would."""
+    """A file on a disk that fills up: after ``room`` bytes one write raises ENOSPC, as the kernel would.
 
-    def __init__(self, path) -> None:
-        self.name = str(path)
+    Later writes succeed again (a few bytes freed elsewhere), which is what makes torch's zip writer
+    fail a second time while closing (``unexpected pos``) and hide the OSError behind a RuntimeError.
+    """
+
+    def __init__(self, path, room: int = 4096) -> None:
+        self.name, self.room, self.failed = str(path), room, False
 
     def write(self, data) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if not self.failed and len(data) > self.room:
+            self.failed = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room = max(self.room - len(data), 0)
+        return len(data)
 
     def flush(self) -> None:
         pass
@@ -156,8 +164,13 @@ def test_write_error_names_path_and_reason():
     wrapped = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert str(write_error(wrapped, "/run/final", "export")) == "cannot write export /run/final: No space left on device"
     with pytest.raises(WriteError, match=r"^cannot write log /run/metrics.jsonl: No space left on device$"):
-        with writing("/run/metrics.jsonl", "log"), _FullFile("/run/metrics.jsonl") as handle:
+        with writing("/run/metrics.jsonl", "log"), _FullFile("/run/metrics.jsonl", room=0) as handle:
             handle.write("x")
+    # torch.save on a filling disk: the OSError is the context of the RuntimeError that escapes
+    with pytest.raises(RuntimeError) as info:
+        torch.save({"w": torch.zeros(10_000)}, _FullFile("/run/x.pt"))
+    assert str(write_error(info.value, "/run/x.pt", "checkpoint")) == ("cannot write checkpoint /run/x.pt: "
+                                                                        "No space left on device")
 
 
 def test_export_onto_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
