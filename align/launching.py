@@ -25,20 +25,36 @@ def train_config_from_args(args: argparse.Namespace, defaults: dict[str, Any]):
     return TrainConfig.from_args(args)
 
 
+def _guarded(run_rank: Callable[[dict[str, Any]], int], payload: dict[str, Any], prog: str) -> int:
+    """``run_rank(payload)``; a failed checkpoint/export/log write ends in one line and exit code 1."""
+    from tritium.train.checkpoints import WriteError, report_write_error
+
+    try:
+        return run_rank(payload)
+    except WriteError as exc:
+        return report_write_error(prog, exc)
+
+
 def launch_or_run(train_cfg: Any, payload: dict[str, Any], module: str,
                   run_rank: Callable[[dict[str, Any]], int]) -> int:
     """Run ``run_rank(payload)`` here (one process), or spawn ``train_cfg.nproc`` ranks that do."""
+    from tritium.train.checkpoints import WriteError, report_write_error, writing
     from tritium.train.launch import launcher_command, planned_world_size, spawn
 
     world = planned_world_size(train_cfg)
     train_cfg.validate(world)
     payload = {**payload, "train": train_cfg.to_dict()}
+    prog = f"tritium {module.rsplit('_', 1)[-1]}"  # tritium.align.cli_sft -> tritium sft
     if world == 1:
-        return run_rank(payload)
+        return _guarded(run_rank, payload, prog)
     out = Path(train_cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     launch_file = out / "launch_config.json"
-    launch_file.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    try:
+        with writing(launch_file, "launch config"):
+            launch_file.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    except WriteError as exc:
+        return report_write_error(prog, exc)
     command = launcher_command(train_cfg, ["--launch-file", str(launch_file)], module=module)
     print(f"tritium: {' '.join(command)}", file=sys.stderr, flush=True)
     return spawn(command)
@@ -46,12 +62,15 @@ def launch_or_run(train_cfg: Any, payload: dict[str, Any], module: str,
 
 def rank_main(argv: list[str] | None, run_rank: Callable[[dict[str, Any]], int], prog: str) -> int:
     """Entry point of ``python -m tritium.align.cli_sft|cli_dpo --launch-file FILE`` on every rank."""
+    from tritium.train.launch import die_with_parent
+
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--launch-file", required=True)
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     payload = json.loads(Path(args.launch_file).read_text())
-    return run_rank(payload)
+    die_with_parent()  # a rank whose launcher died (even kill -9) must not train on alone
+    return _guarded(run_rank, payload, prog.removeprefix("python -m ").replace("tritium.align.cli_", "tritium "))
 
 
 def print_done(name: str, result: Any) -> None:

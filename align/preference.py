@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from tritium.align.data import PreferencePair
 from tritium.align.sft import IGNORE_INDEX, EpochBatches, shifted_labels
 from tritium.model.chat import encode_chat
+from tritium.train.loop import Objective
 
 LOSS_TYPES = ("dpo", "ipo", "simpo")
 REFERENCE_MODES = ("cached", "model", "none")
@@ -305,12 +306,18 @@ def cached_reference_logps(checkpoint: str | Path, pairs: Sequence[TokenizedPair
     return logps
 
 
-def make_preference_loss(cfg: PreferenceConfig, reference: ReferenceModel | None = None):
-    """``loss_fn(model, batch) -> (loss, metrics)`` for ``tritium.train.trainer.fit``.
+def count_pairs(batch: Mapping[str, torch.Tensor]) -> int:
+    """Preference pairs in a micro-batch (its ``2B`` rows are B chosen then B rejected)."""
+    return int(batch["pair_index"].numel()) if "pair_index" in batch else batch["input_ids"].shape[0] // 2
 
+
+def make_preference_objective(cfg: PreferenceConfig, reference: ReferenceModel | None = None) -> Objective:
+    """The ``Objective`` for ``tritium.train.trainer.fit``: summed per-pair losses, counted in pairs.
+
+    A step's loss is then the mean over every pair of the step (all micro-batches, all ranks).
     Reference log-probs come from the batch (``ref_*_logps``, cached mode) or from ``reference``.
     """
-    def loss_fn(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def summed_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         logps, lengths = sequence_logps(model, batch)
         num_pairs = logps.shape[0] // 2
         policy_chosen, policy_rejected = logps[:num_pairs], logps[num_pairs:]
@@ -328,13 +335,13 @@ def make_preference_loss(cfg: PreferenceConfig, reference: ReferenceModel | None
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, lengths[:num_pairs], lengths[num_pairs:],
             loss=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
             length_normalize=cfg.length_normalize)
-        loss = losses.mean()
-        chosen_nll = -(policy_chosen / lengths[:num_pairs].clamp(min=1)).mean()
+        chosen_nll = -(policy_chosen / lengths[:num_pairs].clamp(min=1))  # (B,) mean NLL per chosen reply
+        total = losses.sum()
         if cfg.sft_weight:
-            loss = loss + cfg.sft_weight * chosen_nll
+            total = total + cfg.sft_weight * chosen_nll.sum()
         metrics: dict[str, Any] = {
             "preference_loss": losses.detach().mean(),
-            "chosen_nll": chosen_nll.detach(),
+            "chosen_nll": chosen_nll.detach().mean(),
             "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
             "reward_margin": (chosen_rewards - rejected_rewards).mean(),
             "reward_chosen": chosen_rewards.mean(),
@@ -345,9 +352,15 @@ def make_preference_loss(cfg: PreferenceConfig, reference: ReferenceModel | None
         }
         if ref_chosen is not None:
             metrics["kl"] = torch.cat([policy_chosen - ref_chosen, policy_rejected - ref_rejected]).detach().mean()
-        return loss, metrics
+        return total, metrics
 
-    return loss_fn
+    return Objective(loss=summed_loss, count=count_pairs, name=f"{cfg.loss} preference loss")
+
+
+def make_preference_loss(cfg: PreferenceConfig, reference: ReferenceModel | None = None):
+    """``(model, batch) -> (mean loss over the batch's pairs, metrics)``: one micro-batch's loss (evaluation,
+    plain PyTorch loops); training uses ``make_preference_objective``."""
+    return make_preference_objective(cfg, reference).mean
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -407,15 +420,10 @@ def train_preference(train_cfg: Any, cfg: PreferenceConfig, checkpoint: str, dat
     source = PreferenceBatches(train, pad_id, train_cfg.micro_batch, seed=cfg.seed, reference_logps=train_ref)
     val_source = PreferenceBatches(val, pad_id, train_cfg.micro_batch, seed=cfg.seed, reference_logps=val_ref,
                                    shuffle=False) if val else None
-    loss_fn = make_preference_loss(cfg, reference)
-
-    def eval_loss_fn(model, batch):
-        # validation loss is the mean over pairs
-        loss, _ = loss_fn(model, batch)
-        return loss, {"num_tokens": float(batch["pair_index"].numel())}
-
-    return fit(train_cfg, make_batches=source, loss_fn=loss_fn, tokenizer=tokenizer, init_from=checkpoint,
-               make_eval_batches=val_source.finite if val_source else None, eval_loss_fn=eval_loss_fn,
+    objective = make_preference_objective(cfg, reference)
+    # validation uses the same rule: val_loss is the mean over every validation pair
+    return fit(train_cfg, make_batches=source, loss_fn=objective, tokenizer=tokenizer, init_from=checkpoint,
+               make_eval_batches=val_source.finite if val_source else None,
                extra_config={"preference": cfg.to_dict(), "preference_data": info, "checkpoint": str(checkpoint)})
 
 

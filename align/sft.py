@@ -11,8 +11,9 @@ The pieces, in the order data flows through them:
    (over the flattened ``B*T`` tokens) marks where each starts, so varlen attention keeps packed
    examples from attending to each other, and ``position_ids`` restart at 0 for each.  The padding at
    the end of a row is its own segment with no loss.  ``packing=False`` gives one example per row.
-4. ``sft_loss`` -- the ``loss_fn(model, batch)`` for ``tritium.train.trainer.fit``: mean next-token NLL over
-   the completion tokens only.
+4. ``sft_objective`` -- the ``Objective`` for ``tritium.train.trainer.fit``: summed next-token NLL over the
+   completion tokens, counted by completion tokens, so a step's loss is the mean over every completion
+   token of the step whatever the micro-batch/rank split (``sft_loss`` is one micro-batch's mean).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from tritium.model.chat import encode_chat
+from tritium.train.loop import Objective, count_targets
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("right", "drop")
@@ -223,14 +225,25 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in ("input_ids", "position_ids", "cu_seqlens") if key in batch}
 
 
-def sft_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Masked completion loss: mean NLL over the tokens whose label is not -100."""
+def summed_completion_nll(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Summed next-token NLL over the completion tokens (labels != -100) of one micro-batch."""
     labels = batch["labels"]
-    token_nll = model(**model_inputs(batch), labels=labels, loss_reduction="none")  # (B, T), 0 where ignored
-    target = labels != IGNORE_INDEX
-    num_targets = target.sum()
-    loss = token_nll.sum() / num_targets.clamp(min=1)
-    return loss, {"target_tokens": float(num_targets), "num_tokens": batch["input_ids"].numel()}
+    total = model(**model_inputs(batch), labels=labels, loss_reduction="sum")  # ignored positions add 0
+    return total, {"target_tokens": float(count_targets(batch)), "num_tokens": batch["input_ids"].numel()}
+
+
+# The SFT objective: a step's loss = summed completion NLL of all its micro-batches and ranks / their
+# completion tokens (tritium.train.loop), never a mean of per-micro-batch means.
+sft_objective = Objective(loss=summed_completion_nll, count=count_targets, name="SFT completion NLL")
+
+
+def sft_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Masked completion loss of ONE micro-batch: mean NLL over the tokens whose label is not -100.
+
+    For evaluation and plain PyTorch loops; training goes through ``sft_objective``, which normalises
+    by the whole optimizer step's completion tokens instead.
+    """
+    return sft_objective.mean(model, batch)
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -267,12 +280,6 @@ def sft_datasets(tokenizer: Any, cfg: SFTConfig, data: str | None = None, val_da
     return train, val, info
 
 
-def _sft_eval_loss(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-    # validation is weighted by target tokens, so val_loss is the exact mean completion NLL
-    loss, metrics = sft_loss(model, batch)
-    return loss, {"num_tokens": metrics["target_tokens"]}
-
-
 def train_sft(train_cfg: Any, cfg: SFTConfig, checkpoint: str, data: str | None = None,
               val_data: str | None = None):
     """Fine-tune ``checkpoint`` on the SFT data with ``tritium.train.trainer.fit`` (the shared loop).
@@ -291,6 +298,7 @@ def train_sft(train_cfg: Any, cfg: SFTConfig, checkpoint: str, data: str | None 
     source = SFTBatches(train, cfg.seq_len, pad_id, train_cfg.micro_batch, seed=cfg.seed, packing=cfg.packing)
     val_source = SFTBatches(val, cfg.seq_len, pad_id, train_cfg.micro_batch, seed=cfg.seed, packing=cfg.packing,
                             shuffle=False) if val else None
-    return fit(train_cfg, make_batches=source, loss_fn=sft_loss, tokenizer=tokenizer, init_from=checkpoint,
-               make_eval_batches=val_source.finite if val_source else None, eval_loss_fn=_sft_eval_loss,
+    # validation uses the same rule: val_loss is the exact mean completion NLL of the validation set
+    return fit(train_cfg, make_batches=source, loss_fn=sft_objective, tokenizer=tokenizer, init_from=checkpoint,
+               make_eval_batches=val_source.finite if val_source else None,
                extra_config={"sft": cfg.to_dict(), "sft_data": info, "checkpoint": str(checkpoint)})

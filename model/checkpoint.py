@@ -9,12 +9,17 @@ does the same).  Models with ffn_type="gelu" have no HF class: their config.json
 ``ModelConfig`` fields (loadable here only).
 
 Safety: weights are read with safetensors (no code runs on load); a legacy ``pytorch_model.bin`` is
-read with ``torch.load(weights_only=True)``.  Every problem -- a missing, unexpected or mis-shaped
+read with ``torch.load(weights_only=True)``.  Integrity: ``save_pretrained`` writes ``checksums.sha256``
+(``sha256sum`` format, so ``sha256sum -c checksums.sha256`` checks it too) over the weight files, in the
+same atomic move as the weights; loading verifies every listed file first and refuses a mismatch with a
+one-line ``CheckpointError``.  A folder without that file (Hugging Face downloads, other tools) loads
+as before; ``verify=False`` or ``TRITIUM_VERIFY_CHECKSUMS=0`` skips the check for files changed on purpose.  Every problem -- a missing, unexpected or mis-shaped
 tensor, a config that does not match, a truncated or corrupt file -- raises ``CheckpointError``
 naming the tensor or file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,9 +36,12 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 LEGACY_NAME = "pytorch_model.bin"
 LEGACY_INDEX_NAME = "pytorch_model.bin.index.json"
+CHECKSUMS_NAME = "checksums.sha256"  # "<sha256 hex>  <file name>" per weight file, as sha256sum writes it
+VERIFY_ENV = "TRITIUM_VERIFY_CHECKSUMS"  # "0" skips verification (files edited on purpose)
 # Buffers old HF checkpoints carried; we recompute them, so they are skipped, not "unexpected".
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-_OURS = re.compile(r"^(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json)$")
+_OURS = re.compile(r"^(model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json"
+                   r"|checksums\.sha256)$")
 
 
 class CheckpointError(ValueError):
@@ -124,6 +132,8 @@ def save_pretrained(model, directory: str | Path, *, max_shard_size: int | str =
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                       "weight_map": weight_map}, indent=2) + "\n")
+        weight_files = sorted(p.name for p in tmp.iterdir())
+        (tmp / CHECKSUMS_NAME).write_text("".join(f"{file_sha256(tmp / name)}  {name}\n" for name in weight_files))
         saved_dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
         if config.ffn_type == "swiglu":
             config_dict = config.to_hf_dict(torch_dtype=saved_dtype)
@@ -136,11 +146,53 @@ def save_pretrained(model, directory: str | Path, *, max_shard_size: int | str =
         for stale in directory.iterdir():
             if _OURS.match(stale.name) and not (tmp / stale.name).exists():
                 stale.unlink()
-        for file in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+        # checksums and config last: a crash in between leaves a mismatch that loading reports, never a
+        # silently mixed folder
+        for file in sorted(tmp.iterdir(), key=lambda p: (p.name == CHECKSUMS_NAME, p.name == CONFIG_NAME)):
             os.replace(file, directory / file.name)
         return directory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- checksums
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(directory: str | Path, verify: bool | None = None) -> bool:
+    """Check every file listed in ``directory/checksums.sha256``; CheckpointError (one line) on a mismatch.
+
+    Returns False when nothing was checked: no checksum file (a folder made elsewhere), or verification
+    turned off (``verify=False``, or ``verify=None`` with ``TRITIUM_VERIFY_CHECKSUMS=0``).
+    """
+    directory = Path(directory)
+    if verify is None:
+        verify = os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    manifest = directory / CHECKSUMS_NAME
+    if not verify or not manifest.is_file():
+        return False
+    hint = f"re-export or re-download it, or set {VERIFY_ENV}=0 to load it anyway"
+    for number, line in enumerate(manifest.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
+            raise CheckpointError(f"{manifest}:{number}: expected '<sha256>  <file>', got {line[:80]!r}")
+        expected, name = parts[0].lower(), parts[1].lstrip("*")
+        path = directory / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{manifest}:{number}: {name!r} is not a file name in {directory}")
+        if not path.is_file():
+            continue  # the loader names missing weight files itself
+        if file_sha256(path) != expected:
+            raise CheckpointError(f"{path} does not match its SHA-256 in {CHECKSUMS_NAME} (corrupt, or changed "
+                                  f"after export); {hint}")
+    return True
 
 
 # --------------------------------------------------------------------------- load
@@ -155,17 +207,19 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 
 def load_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = None, device=None,
-                    backend: str | None = None, config: ModelConfig | None = None):
+                    backend: str | None = None, config: ModelConfig | None = None, verify: bool | None = None):
     """Build a ``Transformer`` from ``directory`` without allocating twice (meta, then assign).
 
     ``config``, when given, must match the saved config (else CheckpointError listing the fields).
-    ``dtype`` None keeps the stored dtype; ``device`` None loads to CPU."""
+    ``dtype`` None keeps the stored dtype; ``device`` None loads to CPU.  ``verify``: check
+    ``checksums.sha256`` first (default: yes, unless ``TRITIUM_VERIFY_CHECKSUMS=0``)."""
     from tritium.model.transformer import Transformer
 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     saved = read_config(directory)
+    verify_checksums(directory, verify)
     if config is not None:
         _check_same_config(config, saved, directory / CONFIG_NAME)
     dtype = _as_dtype(dtype)

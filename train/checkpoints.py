@@ -17,14 +17,28 @@ DeepSpeed touches the files, so a damaged checkpoint is a clear error naming
 the earlier ones that still load -- never a hang or a half-restored model.
 Assumes the checkpoint directory is on a filesystem every node sees (as
 DeepSpeed's own ``latest`` does).
+
+Nothing is unpickled with code: DeepSpeed's own loader calls ``torch.load(weights_only=False)``, so
+every load here runs under ``weights_only_loads()`` -- PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+switch plus an allow-list of exactly the non-tensor types DeepSpeed's checkpoints hold
+(``DEEPSPEED_SAFE_GLOBALS``); a file holding anything else (a replaced ``*_model_states.pt`` whose
+``__reduce__`` runs code) is refused with a ``CheckpointError`` before any of it runs.
+
+Write failures (disk full, permissions, quota) become ``WriteError``: one line naming the file and the OS
+reason.  The ranks agree on it before raising, so exactly one rank (the lowest that failed) reports it,
+every rank exits non-zero, and ``latest`` still names the last complete checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +54,200 @@ FULL_VERIFY_BYTES = 1 << 30
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or corrupt (a user-facing error: one line, exit 2)."""
+
+
+class WriteError(OSError):
+    """Writing a checkpoint, an export or a log failed; ``str()`` is one line naming the path and the OS reason.
+
+    ``primary`` is False on ranks that stop only because another rank failed: they exit non-zero silently,
+    so a run reports the failure once.
+    """
+
+    def __init__(self, message: str, *, primary: bool = True, errno_: int | None = None):
+        super().__init__(errno_, message)
+        self.message, self.primary = message, primary
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def write_error(exc: BaseException, path: str | Path, what: str = "") -> WriteError:
+    """``exc`` (an OSError, or torch's zip-writer RuntimeError) as a one-line WriteError naming ``path``."""
+    if isinstance(exc, WriteError):
+        return exc
+    exc = os_error_in(exc) or exc
+    code = getattr(exc, "errno", None) or _os_error_code(exc)
+    reason = os.strerror(code) if isinstance(code, int) and code else getattr(exc, "strerror", None) or str(exc)
+    label = f"{what} " if what else ""
+    return WriteError(f"cannot write {label}{getattr(exc, 'filename', None) or path}: {reason}", errno_=code)
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, or one in its ``__cause__``/``__context__`` chain.
+
+    torch.save hits the full disk inside its zip writer, then fails again while closing the archive
+    (``RuntimeError: ... unexpected pos``), which hides the OSError as the context of the second error.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _os_error_code(exc: BaseException) -> int | None:
+    """The errno inside a non-OSError that wraps one (safetensors: ``I/O error: ... (os error 28)``)."""
+    found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(exc))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str = "") -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` into a one-line ``WriteError``."""
+    try:
+        yield
+    except Exception as exc:
+        cause = os_error_in(exc)
+        if cause is None:
+            raise
+        raise write_error(cause, path, what) from exc
+
+
+def agree_on_writes(error: WriteError | None, what: str) -> None:
+    """Collective: raise on every rank if any rank failed to write (the lowest failing rank is primary)."""
+    dist = _dist()
+    if dist is None:
+        if error is not None:
+            raise error
+        return
+    world = dist.get_world_size()
+    failed = torch.tensor([dist.get_rank() if error is not None else world], dtype=torch.int64)
+    dist.all_reduce(failed, op=dist.ReduceOp.MIN)
+    first = int(failed.item())
+    if first == world:
+        return
+    if error is not None and first == dist.get_rank():
+        raise error
+    raise WriteError(f"{what}: rank {first} could not write (see its error)", primary=False)
+
+
+def report_write_error(prog: str, exc: WriteError) -> int:
+    """Print ``exc`` as the one line of a failed run (only where it happened) and return exit code 1."""
+    import sys
+
+    if exc.primary:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+    return 1
+
+
+# ---------------------------------------------------------------------------- safe DeepSpeed I/O
+def deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed checkpoints hold, and nothing else.
+
+    Found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` over ZeRO 0-3 checkpoints
+    (fp32, bf16, offload) of this DeepSpeed: the loss scalers, the ZeRO stage enum and the
+    fragment addresses of flat optimizer partitions.  Plain containers, dtypes and tensors are
+    allowed by ``weights_only`` already.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside runs with ``weights_only=True`` (whatever the caller passes) and may only
+    rebuild tensors, plain containers and ``deepspeed_safe_globals()``."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # PyTorch's own switch: overrides weights_only=False
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _refused(path: str | Path, exc: Exception) -> CheckpointError:
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f"the global {found.group(1)}" if found else "an object"
+    return CheckpointError(f"refused to load {path}: it holds {what}, which is neither a tensor nor a type "
+                           "DeepSpeed checkpoints hold (loaded with weights_only=True; nothing in it ran). "
+                           "The file was replaced or is not a tritium/DeepSpeed checkpoint")
+
+
+def _install_safe_checkpoint_engine(engine) -> None:
+    """Give ``engine`` a checkpoint engine that loads weights-only and writes through Python files.
+
+    Writing through a Python file object (not a path) keeps the OS error number: torch's own writer
+    reports a full disk as an opaque ``PytorchStreamWriter failed writing file``.  A failed write is
+    remembered instead of raised, so DeepSpeed's save finishes its collectives on every rank and the
+    ranks can agree on the failure afterwards (``agree_on_writes``) instead of one of them hanging.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    current = getattr(engine, "checkpoint_engine", None)
+    if isinstance(current, _SafeCheckpointEngine) or type(current) is not TorchCheckpointEngine:
+        return  # already ours, or an engine the user configured (its loads still run under weights_only_loads)
+
+    safe = _SafeCheckpointEngine(current)
+    engine.checkpoint_engine = safe
+    copy_script = getattr(engine, "_copy_recovery_script", None)
+    if copy_script is not None:  # rank 0 copies zero_to_fp32.py with shutil: a full disk must not raise mid-save
+        def copy_recovery_script(save_path, copy_script=copy_script):
+            try:
+                copy_script(save_path)
+            except OSError as exc:
+                safe.failure = safe.failure or write_error(exc, save_path, "checkpoint")
+
+        engine._copy_recovery_script = copy_recovery_script
+
+
+class _SafeCheckpointEngine:
+    """Wraps DeepSpeed's TorchCheckpointEngine: weights-only loads, errno-preserving saves."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.failure: WriteError | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.failure is not None:
+            return
+        try:
+            with open(path, "wb") as handle:
+                torch.save(state_dict, handle)
+        except Exception as exc:  # noqa: BLE001 - the disk-full OSError may hide behind torch's RuntimeError
+            cause = os_error_in(exc)
+            if cause is None:
+                raise
+            self.failure = write_error(cause, path, "checkpoint")
+
+    def makedirs(self, path, exist_ok: bool = False) -> None:
+        try:
+            os.makedirs(path, exist_ok=exist_ok)
+        except OSError as exc:
+            if self.failure is None:
+                self.failure = write_error(exc, path, "checkpoint")
+
+    def load(self, path: str, map_location=None):
+        try:
+            with weights_only_loads():
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _refused(path, exc) from None
+
+    def take_failure(self) -> WriteError | None:
+        failure, self.failure = self.failure, None
+        return failure
 
 
 def tag_for_step(step: int) -> str:
@@ -201,31 +409,60 @@ class Checkpointer:
         self.keep_last = keep_last
 
     def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Save at ``step`` on every rank (a collective call); returns the final tag directory."""
+        """Save at ``step`` on every rank (a collective call); returns the final tag directory.
+
+        A failed write raises ``WriteError`` on every rank (see ``agree_on_writes``); the partial
+        ``tmp-`` folder is removed and ``latest`` keeps naming the previous complete checkpoint.
+        """
         rank = _rank()
         tag = tag_for_step(step)
         tmp_tag = TMP_PREFIX + tag
         tmp_dir = self.directory / tmp_tag
-        if rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if tmp_dir.exists():  # debris of a save that crashed
-                shutil.rmtree(tmp_dir)
-        _barrier()
-        engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state=client_state, save_latest=False)
-        torch.save(rank_state, tmp_dir / f"rank_{rank:05d}_state.pt")
-        _barrier()  # every rank's files are on disk
         final_dir = self.directory / tag
-        if rank == 0:
-            files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
-            manifest = {"step": step, "tag": tag, "world_size": _world(), "files": files,
-                        "client_state_keys": sorted(client_state)}
-            _write_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
-            if final_dir.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-                shutil.rmtree(final_dir)
-            os.replace(tmp_dir, final_dir)
-            _write_atomic(self.directory / LATEST, tag + "\n")
-            self._prune()
-        _barrier()
+        what = f"checkpoint {tag}"
+        _install_safe_checkpoint_engine(engine)
+        error: WriteError | None = None
+        try:
+            if rank == 0:
+                with writing(self.directory, "checkpoint"):
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    if tmp_dir.exists():  # debris of a save that crashed
+                        shutil.rmtree(tmp_dir)
+            agree_on_writes(error, what)
+            engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state=client_state, save_latest=False)
+            take = getattr(engine.checkpoint_engine, "take_failure", None)
+            error = take() if take is not None else None
+            if error is None:
+                rank_file = tmp_dir / f"rank_{rank:05d}_state.pt"
+                try:
+                    with open(rank_file, "wb") as handle:
+                        torch.save(rank_state, handle)
+                except Exception as exc:  # noqa: BLE001 - see _SafeCheckpointEngine.save
+                    cause = os_error_in(exc)
+                    if cause is None:
+                        raise
+                    error = write_error(cause, rank_file, "checkpoint")
+            agree_on_writes(error, what)  # every rank's files are on disk
+            if rank == 0:
+                files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted(tmp_dir.rglob("*"))
+                         if p.is_file()}
+                manifest = {"step": step, "tag": tag, "world_size": _world(), "files": files,
+                            "client_state_keys": sorted(client_state)}
+                try:
+                    _write_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1))
+                    if final_dir.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
+                        shutil.rmtree(final_dir)
+                    os.replace(tmp_dir, final_dir)
+                    _write_atomic(self.directory / LATEST, tag + "\n")
+                except OSError as exc:
+                    error = write_error(exc, getattr(exc, "filename", None) or tmp_dir, "checkpoint")
+                else:
+                    self._prune()
+            agree_on_writes(error, what)
+        except WriteError:
+            if rank == 0:
+                shutil.rmtree(tmp_dir, ignore_errors=True)  # frees the space the partial save took
+            raise
         return final_dir
 
     def _prune(self) -> None:
@@ -252,9 +489,16 @@ class Checkpointer:
             error = exc
         if not _all_ok(error is None):
             raise error or CheckpointError(f"checkpoint {spec}: another rank found it damaged (see its log)")
+        _install_safe_checkpoint_engine(engine)
         try:
-            loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+            with weights_only_loads():  # DeepSpeed asks for weights_only=False; it gets True
+                loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                              load_optimizer_states=True,
+                                                              load_lr_scheduler_states=True)
+        except CheckpointError:
+            raise
+        except pickle.UnpicklingError as exc:
+            raise _refused(path, exc) from None
         except Exception as exc:  # noqa: BLE001 - DeepSpeed raises anything from pickle to RuntimeError
             raise CheckpointError(f"checkpoint {path} could not be loaded: {type(exc).__name__}: {exc}") from None
         if loaded is None:
@@ -276,11 +520,16 @@ def _world() -> int:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 # ---------------------------------------------------------------------------- final export
@@ -304,11 +553,18 @@ def export_final(engine, out_dir: str | Path, tokenizer=None, extra_files: dict[
             with torch.device("meta"):
                 module = Transformer(module.config, backend=module.backend)
             module.load_state_dict(state_dict, assign=True, strict=True)
+    error: WriteError | None = None
     if rank == 0:
-        module.save_pretrained(out_dir)
-        if tokenizer is not None:
-            tokenizer.save(out_dir)
-        for name, text in (extra_files or {}).items():
-            (out_dir / name).write_text(text)
-    _barrier()
+        try:
+            module.save_pretrained(out_dir)
+            if tokenizer is not None:
+                tokenizer.save(out_dir)
+            for name, text in (extra_files or {}).items():
+                (out_dir / name).write_text(text)
+        except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+            cause = os_error_in(exc)
+            if cause is None and _os_error_code(exc) is None:
+                raise
+            error = write_error(cause or exc, out_dir, "export")
+    agree_on_writes(error, f"export {out_dir}")
     return out_dir if rank == 0 else None

@@ -43,9 +43,13 @@ def _check_resume(cfg: TrainConfig) -> None:
 
 def run_rank(cfg: TrainConfig) -> int:
     """This process is one rank (or the only one): train, return an exit code."""
+    from tritium.train.checkpoints import WriteError, report_write_error
     from tritium.train.pretrain import pretrain
 
-    result = pretrain(cfg)
+    try:
+        result = pretrain(cfg)
+    except WriteError as exc:  # disk full, permissions: one line naming the path, on the rank it happened
+        return report_write_error("tritium train", exc)
     if result.interrupted:
         return 128 + int(signal.SIGTERM)
     import torch.distributed as dist
@@ -58,10 +62,12 @@ def run_rank(cfg: TrainConfig) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritium.train.launch import in_launcher, launcher_command, planned_world_size, spawn
+    from tritium.train.checkpoints import WriteError, report_write_error, writing
+    from tritium.train.launch import die_with_parent, in_launcher, launcher_command, planned_world_size, spawn
 
     cfg = TrainConfig.from_args(args)
     if in_launcher():
+        die_with_parent()  # a rank whose launcher died (even kill -9) must not train on alone
         return run_rank(cfg)
     world = planned_world_size(cfg)
     cfg.validate(world)  # batch layout, stages, paths: before any work
@@ -80,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.save(tokenizer_file.parent)
     rank_cfg = dataclasses.replace(cfg, data=[str(data_dir)], tokenizer=str(tokenizer_file))
     launch_file = Path(cfg.out) / "launch_config.json"
-    launch_file.write_text(json.dumps(rank_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    try:
+        with writing(launch_file, "launch config"):
+            launch_file.write_text(json.dumps(rank_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    except WriteError as exc:
+        return report_write_error("tritium train", exc)
     command = launcher_command(cfg, ["--config", str(launch_file)])
     print("tritium train: " + " ".join(command), file=sys.stderr, flush=True)
     return spawn(command)

@@ -160,8 +160,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # dynamic loss scaling: start at 2^16, halve on overflow (the step is skipped), grow after 1000 clean steps
         ds["fp16"].update(loss_scale=cfg.loss_scale, initial_scale_power=16, loss_scale_window=1000,
                           hysteresis=2, min_loss_scale=1)
-    if cfg.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.grad_clip
+    # always explicit: DeepSpeed clips at 1.0 when the key is absent, so grad_clip=0 must say 0.0 (off)
+    ds["gradient_clipping"] = float(cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
     if cfg.offload in ("optimizer", "all"):
         if torch.cuda.is_available():
             # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's CPU Adam (AVX, JIT-built once) is fast

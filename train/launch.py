@@ -110,15 +110,40 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-def spawn(command: list[str], env: dict[str, str] | None = None, grace_s: float = 300.0) -> int:
+def die_with_parent() -> None:
+    """In a rank: be SIGKILLed when the launcher that started us dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A rank whose launcher is gone has nobody to report to and would train on alone (writing
+    metrics.jsonl, holding devices).  The launchers stay alive while their ranks stop cleanly after a
+    SIGTERM (deepspeed's launch.py and torchrun wait up to 30 s), so this never cuts a checkpoint short.
+    """
+    from tritium.train.guard import set_parent_death_signal
+
+    if set_parent_death_signal(signal.SIGKILL) and os.getppid() == 1:  # the launcher died before we asked
+        os._exit(1)
+
+
+def guarded(command: list[str], grace_s: float = 2.0) -> list[str]:
+    """``command`` run under ``tritium.train.guard``, which stops its process group if this process dies."""
+    return [sys.executable, "-m", "tritium.train.guard", "--parent", str(os.getpid()), "--grace", str(grace_s),
+            "--", *command]
+
+
+def spawn(command: list[str], env: dict[str, str] | None = None, grace_s: float = 300.0,
+          orphan_grace_s: float = 2.0) -> int:
     """Run the launcher in its own process group; on SIGTERM/SIGINT signal the whole group and wait for it.
 
     The single-node deepspeed runner does not forward signals (it just dies,
     leaving the ranks running), so the signal goes to every process of the
     group -- runner, per-node launcher and ranks -- and we wait until the ranks
     have saved their checkpoint and exited (at most ``grace_s`` seconds).
+
+    If this process dies without a chance to forward anything (``kill -9``, OOM killer), the guard
+    that leads the group (``tritium.train.guard``) SIGTERMs it, and SIGKILLs it ``orphan_grace_s``
+    seconds later; ranks die with their launcher (``die_with_parent``).  Nothing outlives us.
     """
-    process = subprocess.Popen(command, env=env or child_environment(), start_new_session=True)
+    process = subprocess.Popen(guarded(command, orphan_grace_s), env=env or child_environment(),
+                               start_new_session=True)
     received: list[int] = []
 
     def forward(signum, frame):

@@ -1,14 +1,30 @@
 """The one training loop: forward, loss, backward, optimizer step -- for pretraining, SFT and DPO alike.
 
-``run(engine, batches, loss_fn, cfg=...)`` knows nothing about objectives:
-``loss_fn(model, batch) -> (loss, metrics)`` supplies the loss (next-token NLL,
-masked SFT NLL, a preference loss), and ``batches(start)`` the micro-batches
-of this rank.  DeepSpeed owns the numerics of a step -- gradient accumulation
-(``engine.step()`` only updates on the accumulation boundary), loss scaling,
-clipping, ZeRO partitioning, the lr schedule -- so the loop is the same four
-lines at every scale.  Around them it does what every run needs: metrics
-averaged over ranks and micro-batches, tokens/s and MFU, validation, periodic
-and on-signal checkpoints, a progress bar with ETA on rank 0.
+``run(engine, batches, objective, cfg=...)`` knows nothing about objectives beyond the ``Objective``
+contract below, and ``batches(start)`` supplies the micro-batches of this rank.  DeepSpeed owns the
+numerics of a step -- when the optimizer steps (the accumulation boundary), loss scaling, clipping,
+ZeRO partitioning, the lr schedule; the loop owns how a step's loss is normalised.  Around that it
+does what every run needs: metrics averaged over ranks and micro-batches, tokens/s and MFU,
+validation, periodic and on-signal checkpoints, a progress bar with ETA on rank 0.
+
+The objective contract (``Objective``; any object with these two methods works)::
+
+    objective.count(batch) -> int | float | 0-dim tensor   # items the loss sums over (targets, pairs)
+    objective.loss(model, batch) -> (sum_loss, metrics)     # SUM of per-item losses (0-dim, with grad)
+
+The loss of one optimizer step is the sum of the per-item losses over every micro-batch of the step
+on every rank, divided by the number of items of the whole step (Hugging Face's
+``num_items_in_batch``, torchtitan's global token count).  So the loop first takes the step's
+``grad_accum`` micro-batches, counts their items with ``count`` (no forward), all-reduces the count
+over the data-parallel ranks, and then runs forward/backward on each micro-batch with
+``sum_loss * dp_world / global_count``: ``engine.backward(..., scale_wrt_gas=False)`` skips
+DeepSpeed's own division by ``grad_accum``, and the ``dp_world`` factor undoes its averaging of
+gradients over ranks.  The gradient therefore never depends on how the step's examples are split
+into micro-batches and ranks, even when their item counts differ (3 vs 24 completion tokens).  The
+logged ``loss`` is the same global mean (averaged over the optimizer steps of a log window).  A
+plain callable ``(model, batch) -> (loss, metrics)`` is still accepted and counts as one item per
+micro-batch (the mean of micro-batch means): right only for objectives that are per-micro-batch
+means by design.
 
 Stopping on SIGTERM/SIGINT: the handler only raises a flag; the ranks agree
 on it with one all-reduce per optimizer step, so every rank checkpoints the
@@ -17,6 +33,7 @@ in their next collective).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -28,7 +45,7 @@ from typing import Any
 
 import torch
 
-from tritium.train.checkpoints import Checkpointer, rng_state
+from tritium.train.checkpoints import Checkpointer, WriteError, agree_on_writes, rng_state
 from tritium.train.config import TrainConfig
 from tritium.train.metrics import (
     MetricsWriter,
@@ -40,6 +57,48 @@ from tritium.train.metrics import (
 
 LossFn = Callable[[Any, Mapping[str, Any]], "tuple[torch.Tensor, Mapping[str, Any]]"]
 BatchSource = Callable[[int], Iterable[Mapping[str, Any]]]
+IGNORE_INDEX = -100  # label of a position that carries no loss (PyTorch's and Hugging Face's convention)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the loop minimises, split so a step's loss can be normalised over the whole step.
+
+    loss(model, batch) -> (sum_loss, metrics): the SUM of this micro-batch's per-item losses (a 0-dim
+        tensor with grad; per-token NLLs, per-pair preference losses, ...); metrics are floats or tensors,
+        averaged over micro-batches and ranks when logged; ``num_tokens`` (optional) feeds tokens/s.
+    count(batch) -> int | float | 0-dim tensor: how many items ``sum_loss`` sums over, from the batch
+        alone -- the loop calls it for every micro-batch of a step before the first forward.
+    """
+
+    loss: Callable[[Any, Mapping[str, Any]], tuple[torch.Tensor, Mapping[str, Any]]]
+    count: Callable[[Mapping[str, Any]], Any]
+    name: str = ""  # for messages
+
+    def mean(self, model, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Mapping[str, Any]]:
+        """This micro-batch's mean loss (``sum_loss / count``, 0 when it has no items) and its metrics."""
+        total, metrics = self.loss(model, batch)
+        return total / max(_as_float(self.count(batch)), 1.0), metrics
+
+
+def count_targets(batch: Mapping[str, Any]) -> int:
+    """Positions of ``batch["labels"]`` that carry a loss (label != -100): the count of token-level NLLs."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def _one_per_micro_batch(batch: Mapping[str, Any]) -> int:
+    return 1
+
+
+def as_objective(loss_fn: Objective | LossFn) -> Objective:
+    """``loss_fn`` as an ``Objective``; a plain ``(model, batch) -> (loss, metrics)`` counts one item per micro-batch."""
+    if isinstance(loss_fn, Objective):
+        return loss_fn
+    if callable(getattr(loss_fn, "loss", None)) and callable(getattr(loss_fn, "count", None)):
+        return Objective(loss=loss_fn.loss, count=loss_fn.count, name=getattr(loss_fn, "name", ""))
+    if callable(loss_fn):
+        return Objective(loss=loss_fn, count=_one_per_micro_batch, name=getattr(loss_fn, "__name__", ""))
+    raise TypeError(f"loss_fn must be an Objective (loss + count) or a callable, got {type(loss_fn).__name__}")
 
 
 @dataclass
@@ -111,7 +170,7 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 
 def _as_float(value: Any) -> float:
     if isinstance(value, torch.Tensor):
-        return float(value.detach().float().mean().item())
+        return float(value.detach().double().mean().item())
     return float(value)
 
 
@@ -145,9 +204,10 @@ class _MicroBatches:
         raise ValueError(f"the batch source yields no batches (at position {self.position})")
 
 
-def evaluate(engine, make_eval_batches: Callable[[], Iterable[Mapping[str, Any]]], loss_fn: LossFn,
+def evaluate(engine, make_eval_batches: Callable[[], Iterable[Mapping[str, Any]]], loss_fn: Objective | LossFn,
              max_batches: int) -> dict[str, float]:
-    """Mean validation loss (token-weighted across micro-batches and ranks) and perplexity."""
+    """Validation loss = summed loss over every batch and rank / their summed count (same rule as training)."""
+    objective = as_objective(loss_fn)
     dist = _dist()
     batches = []
     for batch in make_eval_batches():
@@ -162,10 +222,10 @@ def evaluate(engine, make_eval_batches: Callable[[], Iterable[Mapping[str, Any]]
     totals = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for batch in batches[: int(count.item())]:
+            items = _as_float(objective.count(batch))
             batch = _to_device(batch, engine.device)
-            loss, metrics = loss_fn(engine, batch)
-            tokens = float(metrics.get("num_tokens", _count_tokens(batch)))
-            totals += torch.tensor([_as_float(loss) * tokens, tokens], dtype=torch.float64)
+            total, _ = objective.loss(engine, batch)
+            totals += torch.tensor([_as_float(total), items], dtype=torch.float64)
     if was_training:
         engine.train()
     if dist is not None:
@@ -181,36 +241,47 @@ def _count_tokens(batch: Mapping[str, Any]) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
-def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: LossFn, *, cfg: TrainConfig,
-        run_dir: str | Path | None = None, state: LoopState | Mapping[str, Any] | None = None,
+def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: Objective | LossFn, *,
+        cfg: TrainConfig, run_dir: str | Path | None = None, state: LoopState | Mapping[str, Any] | None = None,
         checkpointer: Checkpointer | None = None, make_eval_batches: Callable[[], Iterable] | None = None,
-        eval_loss_fn: LossFn | None = None, flops_per_token: float | None = None,
+        eval_loss_fn: Objective | LossFn | None = None, flops_per_token: float | None = None,
         client_state: Callable[[], dict[str, Any]] | None = None,
         on_log: Callable[[dict[str, Any]], None] | None = None) -> LoopResult:
     """Train ``engine`` until ``cfg.max_steps`` optimizer steps (or a stop signal).
 
     batches: ``start -> iterator`` of this rank's micro-batches beginning at micro-batch ``start``
         (how a resumed run continues the data), or a plain iterable when never resuming.
-    loss_fn: ``(model, batch) -> (scalar loss, metrics)``; ``model`` is the engine, batch tensors are on
-        its device. metrics values are floats or tensors; ``num_tokens`` (optional) counts tokens.
+    loss_fn: the ``Objective`` (``count(batch)`` and ``loss(model, batch) -> (sum_loss, metrics)``, see the
+        module docstring); ``model`` is the engine, batch tensors are on its device.  A plain callable
+        ``(model, batch) -> (loss, metrics)`` counts as one item per micro-batch.
     state: where to start (``LoopState`` or the dict a checkpoint returned); default: step 0.
     checkpointer: saves every ``cfg.save_interval`` steps, at the end, and on SIGTERM/SIGINT.
     make_eval_batches: fresh finite iterable of validation micro-batches (every ``cfg.eval_interval`` steps).
+    eval_loss_fn: the validation objective (default: ``loss_fn``).
     flops_per_token: model FLOPs per trained token, for MFU (``tritium.model.sizing.flops_per_token``).
     client_state: extra JSON-able state to store in each checkpoint (e.g. tokenizer fingerprint).
+    on_log: called on rank 0 with every logged record.
     """
+    objective = as_objective(loss_fn)
     dist = _dist()
     rank = dist.get_rank() if dist is not None else 0
     world = dist.get_world_size() if dist is not None else 1
+    # DeepSpeed averages gradients over the data-parallel group: multiplying by its size makes that a sum
+    dp_world = int(getattr(engine, "dp_world_size", world) or world)
     is_main = rank == 0
     state = state if isinstance(state, LoopState) else LoopState.from_dict(state or {})
     grad_accum = engine.gradient_accumulation_steps()
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     peak, peak_source = device_peak_flops(precision, cfg.peak_flops)
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, enabled=is_main)
+    opened: WriteError | None = None
+    try:
+        writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, enabled=is_main)
+    except WriteError as exc:
+        writer, opened = MetricsWriter(None, enabled=False), exc
+    agree_on_writes(opened, "metrics log")  # a full disk stops every rank together, before the first step
     history: list[dict[str, Any]] = []
     source = _MicroBatches(batches, state.micro_step)
-    eval_loss_fn = eval_loss_fn or loss_fn
+    eval_objective = as_objective(eval_loss_fn) if eval_loss_fn is not None else objective
     last_checkpoint: Path | None = None
     saved_step = -1
 
@@ -235,9 +306,12 @@ def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: Los
     # ZeRO-0 in fp32 hands grads straight to the torch optimizer and keeps no norm: measure it ourselves
     plain_grads = not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
     last_grad_norm: float | None = None
-    # running sums since the last log line: [loss*n, n, tokens, metric sums...]
+    # running sums since the last log line: metric sums over micro-batches; this rank's share of each
+    # step's global mean loss (summed over ranks at log time), and the steps that had items
     sums: dict[str, float] = {}
     count = 0
+    loss_share = 0.0
+    loss_steps = 0
     tokens_since = 0
     window_start = time.perf_counter()
     engine.train()
@@ -246,47 +320,59 @@ def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: Los
             while state.step < cfg.max_steps:
                 # ---- one optimizer step = grad_accum micro-batches (DeepSpeed steps on the boundary)
                 lrs = engine.get_lr()  # the lr this step uses (the scheduler advances inside engine.step)
-                for _ in range(grad_accum):
-                    batch = _to_device(source.next(), engine.device)
-                    loss, metrics = loss_fn(engine, batch)  # 1. forward  2. loss
-                    engine.backward(loss)  # 3. backward (scaled for fp16, divided by grad_accum)
+                window = [source.next() for _ in range(grad_accum)]
+                step_items = _global_count(objective, window, dist)  # before any backward
+                scale = dp_world / step_items if step_items > 0 else 0.0
+                step_sum = 0.0
+                for batch in window:
+                    batch = _to_device(batch, engine.device)
+                    total, metrics = objective.loss(engine, batch)  # 1. forward  2. summed loss
+                    # 3. backward of this micro-batch's share of the step's global mean (no division by grad_accum)
+                    engine.backward(total * scale, scale_wrt_gas=False)
                     if plain_grads and engine.is_gradient_accumulation_boundary():
                         last_grad_norm = _grad_norm(engine.module)
                     engine.step()  # 4. optimizer step on the accumulation boundary, lr schedule, zero_grad
                     state.micro_step += 1
+                    step_sum += _as_float(total)
                     tokens = int(_as_float(metrics.get("num_tokens", _count_tokens(batch))))
                     tokens_since += tokens
-                    sums["loss"] = sums.get("loss", 0.0) + _as_float(loss)
                     for key, value in metrics.items():
                         if key != "num_tokens":
                             sums[key] = sums.get(key, 0.0) + _as_float(value)
                     count += 1
+                if step_items > 0:
+                    loss_share += step_sum / step_items
+                    loss_steps += 1
                 state.step += 1
                 stop_now = _agree_stop(stop.signal is not None, dist)
                 last = state.step >= cfg.max_steps
                 if state.step % cfg.log_interval == 0 or last or stop_now:
                     record = _log_record(engine, state, sums, count, tokens_since, window_start, dist, world,
-                                         flops_per_token, peak, peak_source, lrs, last_grad_norm)
+                                         flops_per_token, peak, peak_source, lrs, last_grad_norm,
+                                         loss_share=loss_share, loss_steps=loss_steps)
                     state.tokens += int(record.pop("_tokens"))
-                    sums, count, tokens_since = {}, 0, 0
+                    sums, count, tokens_since, loss_share, loss_steps = {}, 0, 0, 0.0, 0
                     window_start = time.perf_counter()
                     if cfg.eval_interval and make_eval_batches is not None and (
                             state.step % cfg.eval_interval == 0 or last):
-                        record.update(evaluate(engine, make_eval_batches, eval_loss_fn, cfg.eval_steps))
+                        record.update(evaluate(engine, make_eval_batches, eval_objective, cfg.eval_steps))
                         if "val_loss" in record and (state.best_val_loss is None
                                                      or record["val_loss"] < state.best_val_loss):
                             state.best_val_loss = record["val_loss"]
                     if is_main:
                         history.append(record)
-                        writer.write(record)
+                        written = _write_record(writer, record)
                         if on_log is not None:
                             on_log(record)
                         _show(bar, record, cfg)
+                    agree_on_writes(written if is_main else None, "metrics log")
                 elif cfg.eval_interval and make_eval_batches is not None and state.step % cfg.eval_interval == 0:
-                    record = {"step": state.step, **evaluate(engine, make_eval_batches, eval_loss_fn, cfg.eval_steps)}
+                    record = {"step": state.step, **evaluate(engine, make_eval_batches, eval_objective,
+                                                             cfg.eval_steps)}
                     if is_main:
                         history.append(record)
-                        writer.write(record)
+                        written = _write_record(writer, record)
+                    agree_on_writes(written if is_main else None, "metrics log")
                 if bar is not None:
                     bar.update(1)
                 if stop_now:
@@ -305,8 +391,34 @@ def run(engine, batches: BatchSource | Iterable[Mapping[str, Any]], loss_fn: Los
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        with contextlib.suppress(WriteError):  # a log that cannot be flushed was reported already
+            writer.close()
     return LoopResult(state=state, history=history, interrupted=interrupted, last_checkpoint=last_checkpoint)
+
+
+def _write_record(writer: MetricsWriter, record: dict[str, Any]) -> WriteError | None:
+    """Append ``record`` to metrics.jsonl; a failed write is returned, so every rank can stop together."""
+    try:
+        writer.write(record)
+    except WriteError as exc:
+        return exc
+    return None
+
+
+def _global_count(objective: Objective, window: list[Mapping[str, Any]], dist) -> float:
+    """Items of one optimizer step: summed over the accumulation window, all-reduced over ranks."""
+    local = 0.0
+    for batch in window:
+        items = _as_float(objective.count(batch))
+        if not math.isfinite(items) or items < 0:
+            raise ValueError(f"objective {objective.name or ''} count(batch) must be a finite number >= 0, "
+                             f"got {items}")
+        local += items
+    if dist is None:
+        return local
+    total = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item())
 
 
 def _agree_stop(local: bool, dist) -> bool:
@@ -324,17 +436,21 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 def _log_record(engine, state: LoopState, sums: dict[str, float], count: int, tokens: int, window_start: float,
                 dist, world: int, flops_per_token: float | None, peak: float, peak_source: str,
-                lrs: list[float], grad_norm_override: float | None = None) -> dict[str, Any]:
-    """Average metrics over micro-batches and ranks; throughput over the window since the last log."""
+                lrs: list[float], grad_norm_override: float | None = None, *, loss_share: float = 0.0,
+                loss_steps: int = 0) -> dict[str, Any]:
+    """The step loss (global mean, averaged over the window's steps), other metrics averaged over
+    micro-batches and ranks; throughput over the window since the last log."""
     keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys] + [float(count), float(tokens)], dtype=torch.float64)
+    values = torch.tensor([sums[k] for k in keys] + [loss_share, float(count), float(tokens)], dtype=torch.float64)
     if dist is not None:
         dist.all_reduce(values)
     elapsed = max(time.perf_counter() - window_start, 1e-9)
-    total_count, total_tokens = values[-2].item(), values[-1].item()
+    total_loss, total_count, total_tokens = values[-3].item(), values[-2].item(), values[-1].item()
+    # every rank added its sum / global count: the sum over ranks is the step's global mean
     record: dict[str, Any] = {"step": state.step}
     for i, key in enumerate(keys):
         record[key] = values[i].item() / max(total_count, 1.0)
+    record["loss"] = total_loss / loss_steps if loss_steps else None  # never a metric of the same name
     record["lr"] = float(lrs[0]) if lrs else None
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is None:
@@ -372,4 +488,5 @@ def _show(bar, record: dict[str, Any], cfg: TrainConfig) -> None:
         print(f"step {record['step']}/{cfg.max_steps} " + " ".join(f"{k}={v}" for k, v in parts.items()), flush=True)
 
 
-__all__ = ["LoopResult", "LoopState", "evaluate", "read_metrics", "run"]
+__all__ = ["IGNORE_INDEX", "LoopResult", "LoopState", "Objective", "as_objective", "count_targets", "evaluate",
+           "read_metrics", "run"]

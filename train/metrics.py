@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from tritium.train.checkpoints import writing
+
 # Dense (no sparsity) peak FLOP/s per device, from vendor datasheets: (16-bit tensor core, TF32/fp32).
 GPU_PEAKS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 494.5e12),
@@ -140,8 +142,9 @@ class MetricsWriter:
         self._tb = None
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        with writing(self.path, "log"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - appended to for the whole run
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -153,8 +156,9 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
-        self._file.flush()
+        with writing(self.path, "log"):
+            self._file.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
+            self._file.flush()
         if self._tb is not None:
             step = record.get("step", 0)
             for key, value in record.items():
@@ -163,8 +167,9 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with writing(self.path, "log"):
+                file.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

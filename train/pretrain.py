@@ -21,13 +21,19 @@ from typing import Any
 import torch
 
 from tritium.train.config import TrainConfig
+from tritium.train.loop import Objective, count_targets
 
 
-def next_token_loss(model, batch: Mapping[str, torch.Tensor]):
-    """Mean NLL of the shifted labels (the fused loss: no (B, T, V) logits)."""
-    loss = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                 cu_seqlens=batch.get("cu_seqlens"))
-    return loss, {"num_tokens": int((batch["labels"] != -100).sum())}
+def summed_next_token_nll(model, batch: Mapping[str, torch.Tensor]):
+    """Summed NLL of the shifted labels (-100 = no loss) -- the fused loss: no (B, T, V) logits."""
+    total = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                  cu_seqlens=batch.get("cu_seqlens"), loss_reduction="sum")
+    return total, {"num_tokens": count_targets(batch)}
+
+
+# The pretraining objective: a step's loss is its summed NLL / its counted targets over all micro-batches
+# and ranks (``tritium.train.loop``), so packing with ignored positions never reweights tokens.
+next_token_objective = Objective(loss=summed_next_token_nll, count=count_targets, name="next-token NLL")
 
 
 def _is_prepared(path: Path) -> bool:
@@ -107,7 +113,7 @@ def pretrain(cfg: TrainConfig):
         return dataset.batches(micro_batch, epochs=1) if len(dataset) >= micro_batch else iter(())
 
     has_validation = _has_split(data_dir, "validation", cfg.seq_len, world)
-    return fit(cfg, make_batches=make_batches, loss_fn=next_token_loss,
+    return fit(cfg, make_batches=make_batches, loss_fn=next_token_objective,
                make_eval_batches=make_eval_batches if has_validation else None, tokenizer=tokenizer,
                extra_config={"data": {"dir": str(data_dir), "tokenizer": tokenizer.fingerprint}},
                client_state=lambda: {"tokenizer_fingerprint": tokenizer.fingerprint})

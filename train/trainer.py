@@ -49,15 +49,15 @@ def fit(cfg: TrainConfig, *, make_batches: MakeBatches, loss_fn, model_config=No
 
     make_batches(start, rank, world): this rank's micro-batches from micro-batch ``start`` on
         (deterministic, rank-disjoint; called again at the current position if it runs out).
-    loss_fn(model, batch) -> (loss, metrics): see ``tritium.train.loop.run``.
+    loss_fn: the ``tritium.train.loop.Objective`` (``count(batch)``, ``loss(model, batch) -> (sum_loss,
+        metrics)``); a step's loss is the summed loss over all its micro-batches and ranks / their count.
+    eval_loss_fn: the validation objective (default: loss_fn).
     model_config: the ModelConfig (default: from cfg -- init_from's config.json, or preset + overrides).
     init_from: HF-layout dir to load weights from (default cfg.init_from); model: a ready nn.Module instead.
     tokenizer: saved into final/ next to the weights.
     """
-    import torch.distributed as dist
-
     from tritium.model.sizing import flops_per_token as model_flops_per_token
-    from tritium.train.checkpoints import Checkpointer, export_final
+    from tritium.train.checkpoints import Checkpointer, WriteError, agree_on_writes, export_final, writing
     from tritium.train.engine import build_ds_config, build_engine, init_distributed, resolve_model_config
     from tritium.train.loop import LoopState, run
     from tritium.train.metrics import plot_loss, read_metrics
@@ -77,10 +77,17 @@ def fit(cfg: TrainConfig, *, make_batches: MakeBatches, loss_fn, model_config=No
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size} "
                          "embedding rows")
     ds_config = build_ds_config(cfg, world)
+    error = None
     if rank == 0:
         resolved = {"train": cfg.to_dict(), "model": model_config.to_dict(), "deepspeed": ds_config,
                     "world_size": world, **(extra_config or {})}
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str) + "\n")
+        try:
+            with writing(run_dir / "config.json", "run config"):
+                (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str)
+                                                     + "\n")
+        except WriteError as exc:
+            error = exc
+    agree_on_writes(error, "run config")
     engine = build_engine(cfg, model_config, world_size=world, model=model, init_from=init_from, ds_config=ds_config)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=cfg.keep_last)
@@ -91,8 +98,15 @@ def fit(cfg: TrainConfig, *, make_batches: MakeBatches, loss_fn, model_config=No
         state = LoopState.from_dict(restored.get("loop", {}))
         state.micro_step = int(restored.get("micro_step", state.micro_step))
         resumed_from = restored.get("checkpoint")
+        error = None
         if rank == 0:
-            _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+            try:
+                with writing(run_dir / "metrics.jsonl", "log"):
+                    _truncate_metrics(run_dir / "metrics.jsonl", state.step)
+            except WriteError as exc:
+                error = exc
+        agree_on_writes(error, "metrics log")
+        if rank == 0:
             print(f"tritium: resumed from {resumed_from} at step {state.step}", flush=True)
     fpt = flops_per_token or model_flops_per_token(model_config, cfg.seq_len, training=True)
     eval_source = (lambda: make_eval_batches(rank, world)) if make_eval_batches is not None else None
@@ -103,10 +117,14 @@ def fit(cfg: TrainConfig, *, make_batches: MakeBatches, loss_fn, model_config=No
     if exported:
         export_final(engine, run_dir / "final", tokenizer)
     metrics_path = run_dir / "metrics.jsonl"
+    error = None
     if rank == 0 and metrics_path.is_file():
-        plot_loss(read_metrics(metrics_path), run_dir / "loss.png", title=f"{model_config.name}: loss")
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            with writing(run_dir / "loss.png", "plot"):
+                plot_loss(read_metrics(metrics_path), run_dir / "loss.png", title=f"{model_config.name}: loss")
+        except WriteError as exc:
+            error = exc
+    agree_on_writes(error, "loss plot")
     return RunResult(run_dir=run_dir, final_dir=run_dir / "final" if exported else None,
                      steps=result.state.step, last_loss=result.last_loss, interrupted=result.interrupted,
                      history=result.history, metrics_path=metrics_path, world_size=world, resumed_from=resumed_from)

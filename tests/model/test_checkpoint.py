@@ -37,7 +37,7 @@ def ids():
 def test_round_trip_same_logits(tmp_path, ids, tie):
     model = build(tie_embeddings=tie)
     out = model.save_pretrained(tmp_path / "ck")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["checksums.sha256", "config.json", "model.safetensors"]
     assert ("lm_head.weight" in load_file(out / "model.safetensors")) is not tie
     loaded = Transformer.from_pretrained(out, backend="torch")
     assert loaded.config == model.config
@@ -64,7 +64,8 @@ def test_sharded_save_with_index_and_atomic_replace(tmp_path, ids):
     torch.testing.assert_close(Transformer.from_pretrained(target)(ids), model(ids), atol=0, rtol=0)
     # Saving again unsharded removes the old shards and the index.
     save_pretrained(model, target)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in target.iterdir()) == ["checksums.sha256", "config.json", "model.safetensors",
+                                                        "tokenizer.model"]
 
 
 def test_gelu_model_round_trips_with_native_config(tmp_path, ids):
@@ -157,9 +158,11 @@ def saved(tmp_path):
 
 
 def _rewrite(saved, edit):
+    """Edit the weights as another tool would: no checksum file, so the loader's own checks answer."""
     tensors = load_file(saved / "model.safetensors")
     edit(tensors)
     save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
+    (saved / "checksums.sha256").unlink()
 
 
 def test_missing_tensor_is_named(saved):
@@ -198,6 +201,51 @@ def test_corrupt_or_truncated_file_is_named(saved, damage):
                       "empty": b""}[damage])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         Transformer.from_pretrained(saved)
+
+
+def _flip_middle(path, count=16):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_fail_the_checksum_with_one_line(saved, monkeypatch):
+    """Issue 16.9: XOR 0xFF over 16 bytes in the middle of model.safetensors used to load silently."""
+    from tritium.model.checkpoint import VERIFY_ENV, file_sha256, load_pretrained, verify_checksums
+
+    # cloned: safetensors may map the file, and the flip below rewrites it in place
+    reference = {k: v.clone() for k, v in Transformer.from_pretrained(saved).state_dict().items()}
+    listed = dict(line.split()[::-1] for line in (saved / "checksums.sha256").read_text().splitlines())
+    assert listed == {"model.safetensors": file_sha256(saved / "model.safetensors")}
+    assert verify_checksums(saved) is True
+    _flip_middle(saved / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        Transformer.from_pretrained(saved)
+    message = str(info.value)
+    assert "\n" not in message and "model.safetensors" in message and "SHA-256" in message
+    assert VERIFY_ENV in message  # the way out for files changed on purpose
+    # opt-out: the kwarg, or the environment for any command; the flipped bytes then load (and differ)
+    changed = load_pretrained(saved, verify=False)
+    monkeypatch.setenv(VERIFY_ENV, "0")
+    for model in (changed, Transformer.from_pretrained(saved)):
+        differing = [k for k, v in model.state_dict().items() if not torch.equal(v, reference[k])]
+        assert len(differing) == 1
+
+
+def test_checksums_cover_shards_and_folders_without_them_load(tmp_path, ids):
+    model = build(tie_embeddings=False)
+    target = save_pretrained(model, tmp_path / "sharded", max_shard_size="400KB")
+    listed = [line.split()[1] for line in (target / "checksums.sha256").read_text().splitlines()]
+    assert "model.safetensors.index.json" in listed and len(listed) > 3
+    shard = target / sorted(name for name in listed if name.endswith(".safetensors"))[1]
+    _flip_middle(shard, count=4)
+    with pytest.raises(CheckpointError, match=shard.name):
+        Transformer.from_pretrained(target)
+    # a folder made elsewhere (no checksums.sha256) loads as before
+    plain = save_pretrained(model, tmp_path / "plain")
+    (plain / "checksums.sha256").unlink()
+    torch.testing.assert_close(Transformer.from_pretrained(plain)(ids), model(ids), atol=0, rtol=0)
 
 
 def test_missing_files(saved, tmp_path):

@@ -120,7 +120,8 @@ def test_ds_config_per_stage_offload_and_precision(tmp_path):
                                                           "nvme_path": str(tmp_path)}
     fp16 = build_ds_config(TrainConfig(precision="fp16", grad_clip=0.0), 1)
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
-    assert "gradient_clipping" not in fp16
+    # grad_clip=0 is explicit: DeepSpeed would otherwise clip at its default 1.0
+    assert fp16["gradient_clipping"] == 0.0
     # the user's ds_config is merged on top, key by key
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "steps_per_print": 7}))

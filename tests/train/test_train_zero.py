@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from tritium.model.config import ModelConfig
     from tritium.train.engine import build_engine, init_distributed, resolve_model_config
     from tritium.train.loop import run
-    from tritium.train.pretrain import next_token_loss
+    from tritium.train.pretrain import next_token_objective
 
     tokens = _tokens()
     results = {}
@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         model_cfg = resolve_model_config(cfg)
         assert isinstance(model_cfg, ModelConfig)
         engine = build_engine(cfg, model_cfg, world_size=world)
-        result = run(engine, _micro_batches(tokens, rank, world, micro, accum), next_token_loss, cfg=cfg)
+        result = run(engine, _micro_batches(tokens, rank, world, micro, accum), next_token_objective, cfg=cfg)
         if rank == 0:
             results[name] = {"loss": [r["loss"] for r in result.history],
                                        "grad_norm": [r["grad_norm"] for r in result.history],
