@@ -91,9 +91,9 @@ def test_public_functions_trace_in_one_graph(device):
     import torch
 
     from tritium.kernels.loss import cross_entropy, fused_linear_cross_entropy
+    from tritium.kernels.mlp import swiglu, swiglu_mlp
     from tritium.kernels.norm import rms_norm
     from tritium.kernels.rope import apply_rope, rope_cos_sin
-    from tritium.kernels.mlp import swiglu, swiglu_mlp
 
     gen = torch.Generator().manual_seed(0)
 

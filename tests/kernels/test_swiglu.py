@@ -4,8 +4,8 @@ import torch
 from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.mlp as swiglu_mod
-from tritium.kernels.modules import SwiGLUMLP
 from tritium.kernels.mlp import swiglu, swiglu_mlp, swiglu_mlp_ref, swiglu_ref
+from tritium.kernels.modules import SwiGLUMLP
 
 
 def _grad_check(fn, ref_fn, inputs, dtype, names, seed):
