@@ -159,6 +159,22 @@ def _ptxas_stats(ptx: str, ptxas: str) -> dict:
             "smem_bytes": int(smem.group(1)) if smem else 0}
 
 
+KERNEL_MODULES = ("norm", "mlp", "rope", "loss", "attention", "decode")
+
+
+def uncovered_kernels() -> list[str]:
+    """``@triton.jit`` functions named ``*_kernel`` in the kernel modules that ``cases()`` misses."""
+    from triton.runtime.jit import JITFunction
+
+    covered = {kernel for _, kernel, _ in cases()}
+    found = set()
+    for module in KERNEL_MODULES:
+        mod = importlib.import_module(f"tritium.kernels.{module}")
+        found |= {name for name, value in vars(mod).items()
+                  if isinstance(value, JITFunction) and name.endswith("_kernel")}
+    return sorted(found - covered)
+
+
 def compile_all(selected: set[str] | None = None) -> list[dict]:
     """Compile every case; one dict per (kernel, config) with ok/error and the ptxas -v numbers."""
     import os
@@ -191,6 +207,11 @@ def compile_all(selected: set[str] | None = None) -> list[dict]:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             row["seconds"] = round(time.perf_counter() - start, 1)
             results.append(row)
+    if not selected:
+        for name in uncovered_kernels():
+            results.append({"kernel": name, "config": "missing from compile_report.cases()", "options": {},
+                            "triton": triton.__version__, "ok": False,
+                            "error": "add this kernel and its launch configs to bench/compile_report.py"})
     return results
 
 
