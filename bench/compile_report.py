@@ -31,13 +31,14 @@ from pathlib import Path
 # wide config: fixed_config's smaller tiles). Block sizes are fixed_config's (TRITIUM_AUTOTUNE=0).
 _ATT_BASE = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "EVEN_D": True, "IS_VARLEN": False,
              "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "DOT_PRECISION": "tf32"}
+# Three variants per attention kernel cover every flag the launchers set: plain causal at the
+# Llama shape; varlen + sliding window + softcap + no right limit at D=80 (EVEN_D False); and the
+# D=256 tiles (fixed_config's smaller "wide" config).
 _ATT_VARIANTS = [
-    ("causal", {}),
-    ("full", {"HAS_RIGHT": False}),
-    ("varlen causal", {"IS_VARLEN": True}),
-    ("window+softcap", {"HAS_LEFT": True, "HAS_SOFTCAP": True}),
-    ("D=80 causal", {"HEAD_DIM": 80}),
-    ("D=256 causal", {"HEAD_DIM": 256, "BLOCK_D": 256}),
+    ("causal D=128", {}),
+    ("varlen window+softcap D=80", {"IS_VARLEN": True, "HAS_LEFT": True, "HAS_RIGHT": False, "HAS_SOFTCAP": True,
+                                    "HEAD_DIM": 80}),
+    ("causal D=256", {"HEAD_DIM": 256, "BLOCK_D": 256}),
 ]
 
 
@@ -58,10 +59,11 @@ def _decode_cases() -> list[tuple[str, dict, dict]]:
     base = {"NUM_KV_HEADS": 8, "GROUP": 4, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 16, "BLOCK_N": 64,
             "PAGED": False, "HAS_SEQLENS": True, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False,
             "SPLIT": True, "DOT_PRECISION": "tf32"}
-    variants = [("split", {}), ("no split", {"SPLIT": False}), ("paged split", {"PAGED": True}),
-                ("paged window+softcap", {"PAGED": True, "HAS_LEFT": True, "HAS_SOFTCAP": True}),
-                ("chunked prefill Tq=16", {"BLOCK_M": 64}),
-                ("D=256", {"HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_N": 32})]
+    variants = [("split D=128", {}),
+                ("paged no-split window+softcap D=80", {"PAGED": True, "SPLIT": False, "HAS_LEFT": True,
+                                                        "HAS_SOFTCAP": True, "HEAD_DIM": 80}),
+                ("paged split chunked prefill", {"PAGED": True, "BLOCK_M": 64, "HAS_SEQLENS": False}),
+                ("split D=256", {"HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_N": 32})]
     launch = {"num_warps": 4, "num_stages": 2}  # decode_fwd's fixed config
     return [(label, {**base, **change}, launch) for label, change in variants]
 
@@ -110,12 +112,18 @@ _BF16_POINTERS = {"X", "R", "W", "Y", "NEW_R", "DY", "DNEW_R", "DX", "G", "U", "
 _FLOATS = {"eps", "label_smoothing", "z_loss", "score_scale", "softcap_log2", "sm_scale"}
 
 
-def _signature(fn) -> dict[str, str]:
+# Names that are sizes in one kernel and tensors in another (V: vocabulary size vs values).
+_INT_IN = {"_cross_entropy_kernel": {"V"}}
+
+
+def _signature(fn, kernel: str) -> dict[str, str]:
     signature = {}
     for param in fn.params:
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
+        elif name in _INT_IN.get(kernel, ()):
+            signature[name] = "i32"
         elif name in _FP32_POINTERS:
             signature[name] = "*fp32"
         elif name in _INT32_POINTERS:
@@ -153,10 +161,8 @@ def _ptxas_stats(ptx: str, ptxas: str) -> dict:
         raise RuntimeError(f"ptxas -v failed: {log[-1000:]}")
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    smem = re.search(r"(\d+) bytes smem", log)
     return {"arch": arch, "registers": int(regs.group(1)) if regs else None,
-            "spill_stores": int(spill.group(1)) if spill else 0, "spill_loads": int(spill.group(2)) if spill else 0,
-            "smem_bytes": int(smem.group(1)) if smem else 0}
+            "spill_stores": int(spill.group(1)) if spill else 0, "spill_loads": int(spill.group(2)) if spill else 0}
 
 
 KERNEL_MODULES = ("norm", "mlp", "rope", "loss", "attention", "decode")
@@ -198,10 +204,11 @@ def compile_all(selected: set[str] | None = None) -> list[dict]:
                    "triton": triton.__version__, "ok": False, "error": ""}
             start = time.perf_counter()
             try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=_signature(fn), constexprs=constexprs),
+                compiled = triton.compile(ASTSource(fn=fn, signature=_signature(fn, kernel), constexprs=constexprs),
                                           target=GPUTarget("cuda", 90, 32), options=options)
                 row["ok"] = "cubin" in compiled.asm
                 row.update(_ptxas_stats(compiled.asm["ptx"], ptxas))
+                row["smem_bytes"] = int(compiled.metadata.shared)  # dynamic: ptxas sees none of it
                 row["ptxas"] = Path(ptxas).name
             except Exception as exc:  # report every failure, not just the first
                 row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -224,7 +231,7 @@ def markdown(results: list[dict]) -> str:
     tool = next((r.get("ptxas") for r in results if r.get("ptxas")), "ptxas")
     lines = [f"sm_90a, bf16 activations, triton {version}, `{tool} -v`; "
              "regenerate with `python -m tritium.bench.compile_report --notes bench/NOTES.md`.", "",
-             "| kernel | config | warps/stages | registers | spill stores / loads (B) | smem (B) |",
+             "| kernel | config | warps/stages | registers | spill stores / loads (B) | shared memory (B) |",
              "|---|---|---|---:|---:|---:|"]
     for r in results:
         opts = f"{r['options'].get('num_warps', 4)}/{r['options'].get('num_stages', 3)}"
