@@ -9,6 +9,8 @@ many bytes it spills to local memory, before any GPU time is spent.
     python -m tritium.bench.compile_report              # markdown table on stdout
     python -m tritium.bench.compile_report --json       # one JSON object per line
     python -m tritium.bench.compile_report --notes bench/NOTES.md   # rewrite the table there
+    PYTHONPATH=/tmp/triton36:. python -m tritium.bench.compile_report --json > t36.jsonl  # another triton
+    python -m tritium.bench.compile_report --compare t36.jsonl --notes bench/NOTES.md
 
 Must run without ``TRITON_INTERPRET=1`` (it turns ``@triton.jit`` into interpreted functions at
 import time); tests/kernels/test_kernels_compile_for_gpu.py runs it in a subprocess for that reason.
@@ -226,20 +228,31 @@ TABLE_START = "<!-- compile_report:start -->"
 TABLE_END = "<!-- compile_report:end -->"
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], compare: list[dict] | None = None) -> str:
+    """The table; ``compare`` (rows from another triton, e.g. the GPU machine's) adds a column."""
     version = results[0]["triton"] if results else "?"
     tool = next((r.get("ptxas") for r in results if r.get("ptxas")), "ptxas")
-    lines = [f"sm_90a, bf16 activations, triton {version}, `{tool} -v`; "
-             "regenerate with `python -m tritium.bench.compile_report --notes bench/NOTES.md`.", "",
-             "| kernel | config | warps/stages | registers | spill stores / loads (B) | shared memory (B) |",
-             "|---|---|---|---:|---:|---:|"]
+    other = {(r["kernel"], r["config"]): r for r in compare or []}
+    other_version = compare[0]["triton"] if compare else ""
+    extra_head = f" triton {other_version}: registers, spill stores |" if compare else ""
+    lines = [f"sm_90a, bf16 activations, triton {version} (`{tool} -v`)"
+             + (f", compared with triton {other_version}" if compare else "")
+             + "; regenerate with `python -m tritium.bench.compile_report --notes bench/NOTES.md` "
+               "(`--json` rows of another triton via `--compare FILE`).", "",
+             f"| kernel | config | warps/stages | registers | spill stores / loads (B) | shared memory (B) |{extra_head}",
+             "|---|---|---|---:|---:|---:|" + ("---:|" if compare else "")]
     for r in results:
         opts = f"{r['options'].get('num_warps', 4)}/{r['options'].get('num_stages', 3)}"
         if not r["ok"]:
             lines.append(f"| `{r['kernel']}` | {r['config']} | {opts} | FAILED | {r['error'][:80]} | |")
             continue
-        lines.append(f"| `{r['kernel']}` | {r['config'] or '-'} | {opts} | {r['registers']} | "
-                     f"{r['spill_stores']} / {r['spill_loads']} | {r['smem_bytes']} |")
+        line = (f"| `{r['kernel']}` | {r['config'] or '-'} | {opts} | {r['registers']} | "
+                f"{r['spill_stores']} / {r['spill_loads']} | {r['smem_bytes']} |")
+        if compare:
+            o = other.get((r["kernel"], r["config"]))
+            line += (f" {o['registers']}, {o['spill_stores']} |" if o and o["ok"] else
+                     " FAILED |" if o else " - |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -259,15 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per (kernel, config)")
     parser.add_argument("--notes", type=Path, help="rewrite the table between the markers in this file")
     parser.add_argument("--kernel", action="append", help="only these kernels (repeatable)")
+    parser.add_argument("--compare", type=Path, help="--json output of another triton version, as a column")
+    parser.add_argument("--from-json", type=Path, help="render these --json rows instead of compiling")
     args = parser.parse_args(argv)
-    results = compile_all(set(args.kernel) if args.kernel else None)
+    if args.from_json:
+        results = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.strip()]
+    else:
+        results = compile_all(set(args.kernel) if args.kernel else None)
+    compare = ([json.loads(line) for line in args.compare.read_text().splitlines() if line.strip()]
+               if args.compare else None)
     if args.json:
         for row in results:
             print(json.dumps(row))
     else:
-        print(markdown(results))
+        print(markdown(results, compare))
     if args.notes:
-        write_notes(args.notes, markdown(results))
+        write_notes(args.notes, markdown(results, compare))
     return 0 if all(r["ok"] for r in results) else 1
 
 
