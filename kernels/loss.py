@@ -242,7 +242,7 @@ def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     device = hidden.device
     loss = empty(n, dtype=torch.float32, device=device)
     lse = empty(n, dtype=torch.float32, device=device)
-    d_hidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
+    d_hidden = empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else hidden.new_empty(0)
     # The weight gradient accumulates in place across chunks (addmm, no V x H temporaries), in the
     # weight's dtype: an fp32 accumulator would cost 2x the weight again at large vocab.
     d_weight = weight.new_zeros(weight.shape) if grad_weight else weight.new_empty(0)
@@ -281,7 +281,7 @@ def flce_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     weight = weight.contiguous()
     targets = targets.contiguous()
     grad_rows = grad_rows.float().contiguous()
-    d_hidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
+    d_hidden = empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else hidden.new_empty(0)
     d_weight = weight.new_zeros(weight.shape) if grad_weight else weight.new_empty(0)
     chunk = chunk_size or _chunk_rows(n, v, h)
     for start in range(0, n, chunk):
