@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritium.kernels.loss import fused_linear_cross_entropy
-from tritium.kernels.mlp import swiglu_mlp
 from tritium.kernels.norm import rms_norm
 from tritium.kernels.rope import apply_rope, rope_cos_sin
+from tritium.kernels.mlp import swiglu_mlp
 
 
 class RMSNorm(nn.Module):
