@@ -36,7 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, interpreter_enabled
+from tritium.kernels._runtime import (
+    FLOAT_DTYPES,
+    can_use_triton,
+    empty,
+    empty_like,
+    interpreter_enabled,
+    launch,
+)
 
 LOG2E = 1.4426950408889634
 # The same constants for use inside kernels (jit code may only read constexpr globals).
@@ -579,7 +586,9 @@ def _check_score_options(softmax_scale, window_size, softcap) -> None:
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unlimited), got {window_size}")
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device, max_seqlen: int | None = None) -> None:
+    """Type, device and length always; the values too when ``cu`` lives on the CPU, where reading it
+    costs no device synchronisation (on CUDA they are trusted, as flash-attn does)."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype != torch.int32:
         raise TypeError(f"{name} must be a 1-D int32 tensor, got "
                         f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
@@ -587,6 +596,17 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if cu.numel() < 2:
         raise ValueError(f"{name} needs at least 2 entries (0 and the total), got {cu.numel()}")
+    if cu.device.type != "cpu":
+        return
+    bounds = cu.tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if bounds[0] < 0 or min(lengths) < 0:
+        raise ValueError(f"{name} must start at >= 0 and never decrease, got {bounds}")
+    if bounds[-1] > total:
+        raise ValueError(f"{name} ends at {bounds[-1]} but the packed tensor has only {total} rows")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        raise ValueError(f"{name} holds a sequence of {max(lengths)} rows, longer than its max_seqlen "
+                         f"{max_seqlen}")
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
@@ -629,11 +649,17 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, num_seqs, max_seqlen_q, m
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     total_q, num_heads, _ = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((num_heads, total_q), device=q.device, dtype=torch.float32)
+    is_varlen = cu_seqlens_q is not None
+    if is_varlen:
+        # Packed rows outside [cu_seqlens[0], cu_seqlens[-1]) belong to no sequence and no program
+        # visits them: they read as zero output with lse = +inf (an empty row), never as stale memory.
+        out = torch.zeros_like(q)
+        lse = torch.full((num_heads, total_q), float("inf"), device=q.device, dtype=torch.float32)
+    else:
+        out = empty_like(q)
+        lse = empty((num_heads, total_q), device=q.device, dtype=torch.float32)
     _, score_scale, softcap_log2, left, right, meta = _common_meta(q, k, softmax_scale, causal,
                                                                    window_size, softcap)
-    is_varlen = cu_seqlens_q is not None
     args = (q, k, v, out, lse, cu_seqlens_q if is_varlen else q, cu_seqlens_k if is_varlen else q,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
@@ -641,15 +667,15 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, num_seqs, max_seqlen_q, m
             score_scale, softcap_log2, left, right)
     if interpreter_enabled():
         grid = (triton.cdiv(max_seqlen_q, INTERPRET_BLOCK_M), num_heads, num_seqs)
-        _attn_fwd_kernel[grid](*args, **meta, IS_VARLEN=is_varlen,
+        launch(_attn_fwd_kernel, grid)(*args, **meta, IS_VARLEN=is_varlen,
                                BLOCK_M=INTERPRET_BLOCK_M, BLOCK_N=INTERPRET_BLOCK_N)
     elif autotune_enabled():
         grid = lambda META: (triton.cdiv(max_seqlen_q, META["BLOCK_M"]), num_heads, num_seqs)
-        _attn_fwd_tuned[grid](*args, **meta, IS_VARLEN=is_varlen)
+        launch(_attn_fwd_tuned, grid)(*args, **meta, IS_VARLEN=is_varlen)
     else:
         config = fixed_config(meta["BLOCK_D"], q.element_size(), backward=False)
         grid = (triton.cdiv(max_seqlen_q, config["BLOCK_M"]), num_heads, num_seqs)
-        _attn_fwd_kernel[grid](*args, **meta, **config, IS_VARLEN=is_varlen)
+        launch(_attn_fwd_kernel, grid)(*args, **meta, **config, IS_VARLEN=is_varlen)
     return out, lse
 
 
@@ -661,15 +687,15 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, num_seqs, m
     num_kv_heads = k.shape[1]
     scale, score_scale, softcap_log2, left, right, meta = _common_meta(q, k, softmax_scale, causal,
                                                                        window_size, softcap)
-    delta = torch.empty_like(lse)
+    delta = empty_like(lse)
     pre_block = 32 if interpreter_enabled() else 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(total_q, pre_block), num_heads)](
+    launch(_attn_bwd_preprocess_kernel, (triton.cdiv(total_q, pre_block), num_heads))(
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), total_q,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_block)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     is_varlen = cu_seqlens_q is not None
+    # Varlen: rows outside every sequence get no program, and their gradient is zero.
+    alloc = torch.zeros_like if is_varlen else empty_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
     cu_q = cu_seqlens_q if is_varlen else q
     cu_k = cu_seqlens_k if is_varlen else q
     common_tail = (max_seqlen_q, max_seqlen_k, triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k)),
@@ -686,15 +712,15 @@ def attention_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, num_seqs, m
             config = {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
         else:
             config = fixed_config(meta["BLOCK_D"], q.element_size(), backward=True)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, config["BLOCK_N"]), num_kv_heads, num_seqs)](
-            *dkdv_args, **meta, **config, IS_VARLEN=is_varlen)
-        _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen_q, config["BLOCK_M"]), num_heads, num_seqs)](
-            *dq_args, **meta, **config, IS_VARLEN=is_varlen)
+        dkdv_grid = (triton.cdiv(max_seqlen_k, config["BLOCK_N"]), num_kv_heads, num_seqs)
+        dq_grid = (triton.cdiv(max_seqlen_q, config["BLOCK_M"]), num_heads, num_seqs)
+        launch(_attn_bwd_dkdv_kernel, dkdv_grid)(*dkdv_args, **meta, **config, IS_VARLEN=is_varlen)
+        launch(_attn_bwd_dq_kernel, dq_grid)(*dq_args, **meta, **config, IS_VARLEN=is_varlen)
     else:
-        _attn_bwd_dkdv_tuned[lambda M: (triton.cdiv(max_seqlen_k, M["BLOCK_N"]), num_kv_heads, num_seqs)](
-            *dkdv_args, **meta, IS_VARLEN=is_varlen)
-        _attn_bwd_dq_tuned[lambda M: (triton.cdiv(max_seqlen_q, M["BLOCK_M"]), num_heads, num_seqs)](
-            *dq_args, **meta, IS_VARLEN=is_varlen)
+        dkdv_grid = lambda M: (triton.cdiv(max_seqlen_k, M["BLOCK_N"]), num_kv_heads, num_seqs)
+        dq_grid = lambda M: (triton.cdiv(max_seqlen_q, M["BLOCK_M"]), num_heads, num_seqs)
+        launch(_attn_bwd_dkdv_tuned, dkdv_grid)(*dkdv_args, **meta, IS_VARLEN=is_varlen)
+        launch(_attn_bwd_dq_tuned, dq_grid)(*dq_args, **meta, IS_VARLEN=is_varlen)
     return dq, dk, dv
 
 
@@ -782,10 +808,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            return_lse=False, deterministic=False):
     """Packed attention: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence b spans rows
-    cu_seqlens[b]:cu_seqlens[b+1] and never sees another sequence. -> out [, lse (Hq, total_q) fp32]."""
+    cu_seqlens[b]:cu_seqlens[b+1] and never sees another sequence. -> out (total_q, Hq, D)
+    [, lse (Hq, total_q) fp32].
+
+    Rows outside [cu_seqlens_q[0], cu_seqlens_q[-1]) (padding after the last sequence) belong to no
+    sequence: their output is zero, their lse +inf and their gradient zero, in the kernel and in
+    ``varlen_attention_ref`` alike. CPU-resident cu_seqlens are checked (int32, non-decreasing, within
+    the row count, no sequence longer than max_seqlen; ValueError naming the argument); CUDA ones are
+    trusted, as flash-attn does, since reading them would synchronise the device.
+    """
     _check_attention_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, packed=True)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, int(max_seqlen_q))
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, int(max_seqlen_k))
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
@@ -847,17 +881,27 @@ def attention_ref(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wind
 def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                          softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                          return_lse=False, deterministic=False, *, upcast=True):
-    """Runs attention_ref on each packed sequence separately; lse is (Hq, total_q)."""
+    """Runs attention_ref on each packed sequence separately -> out (total_q, Hq, D) [, lse (Hq, total_q)].
+
+    Rows outside [cu_seqlens_q[0], cu_seqlens_q[-1]) are zero with lse +inf, as in the kernel.
+    """
     _check_attention_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, packed=True)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, int(max_seqlen_q))
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, int(max_seqlen_k))
     bounds_q = cu_seqlens_q.tolist()
     bounds_k = cu_seqlens_k.tolist()
-    outs, lses = [], []
+    out_dtype = q.dtype
+    outs = [q.new_zeros((bounds_q[0],) + q.shape[1:], dtype=out_dtype)]
+    lses = [q.new_full((q.shape[1], bounds_q[0]), float("inf"), dtype=torch.float32)]
     for b in range(len(bounds_q) - 1):
         qs, ks = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
         out, lse = attention_ref(q[None, qs], k[None, ks], v[None, ks], 0.0, softmax_scale, causal,
                                  window_size, softcap, True, upcast=upcast)
         outs.append(out[0])
         lses.append(lse[0])
+    tail = q.shape[0] - bounds_q[-1]
+    outs.append(q.new_zeros((tail,) + q.shape[1:], dtype=out_dtype))
+    lses.append(q.new_full((q.shape[1], tail), float("inf"), dtype=torch.float32))
     out = torch.cat(outs, dim=0)
     lse = torch.cat(lses, dim=1)
     return (out, lse) if return_lse else out

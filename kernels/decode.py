@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, interpreter_enabled
+from tritium.kernels._runtime import (
+    FLOAT_DTYPES,
+    can_use_triton,
+    empty,
+    empty_like,
+    interpreter_enabled,
+    launch,
+)
 from tritium.kernels.attention import (
     _LN2,
     LOG2E,
@@ -251,12 +258,12 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, num_new, softmax
     num_splits = max(1, triton.cdiv(max_seqlen_k, split_len))  # drop splits that would start past S_max
     split = num_splits > 1
 
-    out = torch.empty_like(q)
-    lse = torch.empty((batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
+    out = empty_like(q)
+    lse = empty((batch, num_heads, seqlen_q), device=q.device, dtype=torch.float32)
     num_rows = batch * seqlen_q * num_heads
     if split:
-        o_part = torch.empty((num_splits, num_rows, head_dim), device=q.device, dtype=torch.float32)
-        lse_part = torch.empty((num_splits, num_rows), device=q.device, dtype=torch.float32)
+        o_part = empty((num_splits, num_rows, head_dim), device=q.device, dtype=torch.float32)
+        lse_part = empty((num_splits, num_rows), device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = lse  # unused
     has_seqlens = cache_seqlens is not None
@@ -275,14 +282,14 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table, num_new, softmax
             "DOT_PRECISION": _dot_precision(q.dtype)}
     grid = (m_blocks, batch * num_kv_heads, num_splits)
     if interpreter_enabled():
-        _decode_split_kernel[grid](*args, **meta, BLOCK_N=INTERPRET_BLOCK_N)
+        launch(_decode_split_kernel, grid)(*args, **meta, BLOCK_N=INTERPRET_BLOCK_N)
     elif autotune_enabled():
-        _decode_split_tuned[grid](*args, **meta)
+        launch(_decode_split_tuned, grid)(*args, **meta)
     else:
         block_n = 64 if block_d * q.element_size() // 2 < 256 else 32
-        _decode_split_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
+        launch(_decode_split_kernel, grid)(*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
     if split:
-        _decode_combine_kernel[(num_rows,)](
+        launch(_decode_combine_kernel, (num_rows,))(
             o_part, lse_part, out, lse, out.stride(0), out.stride(1), out.stride(2),
             num_rows, num_heads, seqlen_q, num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))

@@ -40,7 +40,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, check_tensor, interpreter_enabled
+from tritium.kernels._runtime import (
+    FLOAT_DTYPES,
+    can_use_triton,
+    check_tensor,
+    empty,
+    empty_like,
+    interpreter_enabled,
+    launch,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -168,7 +176,7 @@ def _launch(logits: torch.Tensor, grad: torch.Tensor | None, targets: torch.Tens
         return
     block, num_warps = _block_v(v)
     scale_stride = 0 if scale is None or scale.numel() == 1 else scale.stride(0)
-    _cross_entropy_kernel[(n,)](
+    launch(_cross_entropy_kernel, (n,))(
         logits, grad if grad is not None else logits, targets, loss if loss is not None else lse, lse,
         scale if scale is not None else lse,
         logits.stride(0), grad.stride(0) if grad is not None else 0, scale_stride,
@@ -182,8 +190,8 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     """Per-row losses and logsumexp (both (N,) fp32) of logits (N, V)."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     n = logits.shape[0]
-    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    loss = empty(n, dtype=torch.float32, device=logits.device)
+    lse = empty(n, dtype=torch.float32, device=logits.device)
     _launch(logits, None, targets.contiguous(), loss, lse, None, ignore_index, label_smoothing, z_loss, False)
     return loss, lse
 
@@ -192,7 +200,7 @@ def cross_entropy_bwd(grad_rows: torch.Tensor, logits: torch.Tensor, targets: to
                       ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
     """d(sum_i grad_rows_i * loss_i)/d logits; grad_rows is (N,) or a 1-element tensor (broadcast)."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = empty_like(logits, memory_format=torch.contiguous_format)
     _launch(logits, grad, targets.contiguous(), None, lse, grad_rows.float(), ignore_index, label_smoothing,
             z_loss, True)
     return grad
@@ -232,9 +240,9 @@ def flce_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     weight = weight.contiguous()
     targets = targets.contiguous()
     device = hidden.device
-    loss = torch.empty(n, dtype=torch.float32, device=device)
-    lse = torch.empty(n, dtype=torch.float32, device=device)
-    d_hidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
+    loss = empty(n, dtype=torch.float32, device=device)
+    lse = empty(n, dtype=torch.float32, device=device)
+    d_hidden = empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else hidden.new_empty(0)
     # The weight gradient accumulates in place across chunks (addmm, no V x H temporaries), in the
     # weight's dtype: an fp32 accumulator would cost 2x the weight again at large vocab.
     d_weight = weight.new_zeros(weight.shape) if grad_weight else weight.new_empty(0)
@@ -273,7 +281,7 @@ def flce_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     weight = weight.contiguous()
     targets = targets.contiguous()
     grad_rows = grad_rows.float().contiguous()
-    d_hidden = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty(0)
+    d_hidden = empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else hidden.new_empty(0)
     d_weight = weight.new_zeros(weight.shape) if grad_weight else weight.new_empty(0)
     chunk = chunk_size or _chunk_rows(n, v, h)
     for start in range(0, n, chunk):

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, check_tensor, interpreter_enabled
+from tritium.kernels._runtime import (
+    FLOAT_DTYPES,
+    can_use_triton,
+    check_tensor,
+    empty,
+    empty_like,
+    interpreter_enabled,
+    launch,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,10 +100,10 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _validate(gate, up)
     n = gate.shape[-1]
     g2, u2 = _as_rows(gate, n), _as_rows(up, n)
-    y = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    y = empty(g2.shape, dtype=gate.dtype, device=gate.device)
     if y.numel() > 0:
         block, num_warps = _block_config(n)
-        _swiglu_fwd_kernel[(g2.shape[0], triton.cdiv(n, block))](
+        launch(_swiglu_fwd_kernel, (g2.shape[0], triton.cdiv(n, block)))(
             g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK_N=block, num_warps=num_warps)
     return y.view(gate.shape)
 
@@ -107,11 +115,11 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
         raise ValueError(f"dy must have gate's shape {tuple(gate.shape)}, got {tuple(dy.shape)}")
     n = gate.shape[-1]
     g2, u2, dy2 = _as_rows(gate, n), _as_rows(up, n), _as_rows(dy, n)
-    dg = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty_like(dg)
+    dg = empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    du = empty_like(dg)
     if dg.numel() > 0:
         block, num_warps = _block_config(n)
-        _swiglu_bwd_kernel[(g2.shape[0], triton.cdiv(n, block))](
+        launch(_swiglu_bwd_kernel, (g2.shape[0], triton.cdiv(n, block)))(
             dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), n,
             BLOCK_N=block, num_warps=num_warps)
     return dg.view(gate.shape), du.view(gate.shape)

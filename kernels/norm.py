@@ -17,7 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, check_tensor, interpreter_enabled
+from tritium.kernels._runtime import (
+    FLOAT_DTYPES,
+    can_use_triton,
+    check_tensor,
+    empty,
+    interpreter_enabled,
+    launch,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,17 +207,17 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     x2 = _as_rows(x, n)
     m = x2.shape[0]
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    y = empty((m, n), dtype=out_dtype, device=x.device)
+    rstd = empty((m,), dtype=torch.float32, device=x.device)
     if residual is not None:
         r2 = _as_rows(residual, n)
-        new_r = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        new_r = empty((m, n), dtype=x.dtype, device=x.device)
     else:
         r2 = x2  # never read: HAS_RESIDUAL=False compiles the branch away
-        new_r = torch.empty((0,), dtype=x.dtype, device=x.device)
+        new_r = empty((0,), dtype=x.dtype, device=x.device)
     if m > 0 and n > 0:
         block, num_warps = _block_config(n)
-        _rms_norm_fwd_kernel[(m,)](
+        launch(_rms_norm_fwd_kernel, (m,))(
             x2, r2, weight.contiguous(), y, new_r if residual is not None else y, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), new_r.stride(0) if residual is not None else 0,
             n, float(eps),
@@ -231,7 +238,7 @@ def rms_norm_bwd(dy: torch.Tensor, x_normed: torch.Tensor, weight: torch.Tensor,
     x2 = _as_rows(x_normed, n)
     dy2 = _as_rows(dy, n)
     m = x2.shape[0]
-    dx = torch.empty((m, n), dtype=x_normed.dtype, device=x_normed.device)
+    dx = empty((m, n), dtype=x_normed.dtype, device=x_normed.device)
     if d_new_residual is not None:
         dnr2 = _as_rows(d_new_residual, n)
     else:
@@ -241,7 +248,7 @@ def rms_norm_bwd(dy: torch.Tensor, x_normed: torch.Tensor, weight: torch.Tensor,
     if m > 0 and n > 0:
         block, num_warps = _block_config(n)
         rows_per_program = triton.cdiv(m, programs)
-        _rms_norm_bwd_kernel[(programs,)](
+        launch(_rms_norm_bwd_kernel, (programs,))(
             dy2, x2, weight.contiguous(), rstd, dnr2, dx, dw_partial,
             dy2.stride(0), x2.stride(0), dnr2.stride(0), dx.stride(0),
             m, n, rows_per_program,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, check_tensor
+from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, check_tensor, empty, launch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,8 +134,8 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     cos, sin = cos.contiguous(), sin.contiguous()
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out_q is None else out_q
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device) if out_k is None else out_k
+    qo = empty(q.shape, dtype=q.dtype, device=q.device) if out_q is None else out_q
+    ko = empty(k.shape, dtype=k.dtype, device=k.device) if out_k is None else out_k
     if q.numel() == 0:
         return qo, ko
     stride_cb = cos.stride(0) if (cos.dim() == 3 and cos.shape[0] > 1) else 0
@@ -144,7 +144,7 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     block_half = triton.next_power_of_2(half)
     block_hq, block_hkv = triton.next_power_of_2(Hq), triton.next_power_of_2(max(Hkv, 1))
     num_warps = 4 if block_hq * block_half <= 2048 else 8
-    _rope_kernel[(B * T,)](
+    launch(_rope_kernel, (B * T,))(
         q, k, cos, sin, pos, qo, ko,
         T, Hq, Hkv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

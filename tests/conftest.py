@@ -30,6 +30,25 @@ def device() -> str:
     return DEVICE
 
 
+def pytest_report_header(config):
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("WARNING: no CUDA and TRITON_INTERPRET != 1: the Triton kernels cannot run, every kernel "
+                "test that asserts its launches will fail")
+    return None
+
+
+@pytest.fixture
+def launches():
+    """A ``LaunchLedger`` (kernel name -> Triton launches) counting during the test. Assert with
+    ``launches.require("_rms_norm_fwd_kernel")``: a test whose kernel never ran (a CPU without
+    TRITON_INTERPRET=1, a fallback taken by mistake) then fails instead of comparing the reference
+    with itself."""
+    from tritium.kernels._runtime import count_launches
+
+    with count_launches() as ledger:
+        yield ledger
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """In-process training fills in a 1-rank world (RANK, MASTER_PORT, ...); keep it out of later tests

@@ -42,7 +42,11 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.d
     assert err <= atol + rtol * scale, f"{name} ({dtype}): err {err:.3g} > {atol + rtol * scale:.3g}"
 
 
-def dtype_params():
-    """fp32 and fp16 everywhere; bf16 only on GPU (the interpreter's bf16 is unreliable)."""
+def dtype_params(cpu_bf16: bool = False):
+    """fp32 and fp16 everywhere; bf16 everywhere for kernels without ``tl.dot`` (``cpu_bf16=True``:
+    RMSNorm, SwiGLU, RoPE, cross-entropy), else only on GPU (the interpreter's bf16 ``tl.dot`` gives
+    garbage; its bf16 loads, stores and elementwise math are fine)."""
     import pytest
+    if cpu_bf16:
+        return [torch.float32, torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]

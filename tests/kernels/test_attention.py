@@ -67,7 +67,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}S{}H{}/{}D{}c{}w{}sc{}-{}".format(
     *c[:8], c[8], str(c[9]).replace("torch.", "")))
-def test_matches_reference(case, device):
+def test_matches_reference(case, device, launches):
     batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, causal, window, softcap, dtype = case
     q, k, v = make_qkv(batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, dtype, device)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
@@ -86,10 +86,11 @@ def test_matches_reference(case, device):
     for name, got, want, same in zip(("dq", "dk", "dv"), grads, ref_grads, low_grads):
         assert got.shape == want.shape and got.dtype == dtype
         assert_within_rule(name, got, want, same, dtype)
+    launches.require("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
 @pytest.mark.parametrize("causal,seqlen_q,seqlen_k,num_kv_heads", [(False, 17, 40, 2), (True, 40, 40, 1)])
-def test_matches_sdpa(causal, seqlen_q, seqlen_k, num_kv_heads, device):
+def test_matches_sdpa(causal, seqlen_q, seqlen_k, num_kv_heads, device, launches):
     q, k, v = make_qkv(2, seqlen_q, seqlen_k, 4, num_kv_heads, 64, torch.float32, device, seed=3)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(device)
     out, _, grads = run_with_grads(flash_attn_func, q, k, v, dout, causal=causal)
@@ -101,9 +102,10 @@ def test_matches_sdpa(causal, seqlen_q, seqlen_k, num_kv_heads, device):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    launches.require("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
-def test_random_masks_sweep(device):
+def test_random_masks_sweep(device, launches):
     # The kernels split key/query tiles into masked edges and an unmasked interior; random
     # (T, S, causal, window) draws check that split against the reference, forward and backward.
     gen = torch.Generator().manual_seed(21)
@@ -121,9 +123,10 @@ def test_random_masks_sweep(device):
         torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5, msg=msg)
         for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=msg)
+    assert launches["_attn_fwd_kernel"] == 6 and launches["_attn_bwd_dq_kernel"] == 6, dict(launches)
 
 
-def test_rows_without_keys_are_zero(device):
+def test_rows_without_keys_are_zero(device, launches):
     # Causal with T > S: the first T - S queries see no key. flash-attn gives 0 and lse = +inf.
     q, k, v = make_qkv(1, 20, 6, 2, 1, 32, torch.float32, device, seed=5)
     out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
@@ -136,9 +139,10 @@ def test_rows_without_keys_are_zero(device):
     # A left window can empty rows too when it points before the sequence: T > S, window (2, 0).
     out_w = flash_attn_func(q, k, v, window_size=(2, 0))
     torch.testing.assert_close(out_w, attention_ref(q, k, v, window_size=(2, 0)), atol=1e-5, rtol=1e-5)
+    launches.require("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
-def test_noncontiguous_inputs_and_scale(device):
+def test_noncontiguous_inputs_and_scale(device, launches):
     # q, k, v as views of a fused projection (B, T, 3, H, D): strided along T, not contiguous.
     gen = torch.Generator().manual_seed(6)
     qkv = torch.randn(2, 23, 3, 4, 32, generator=gen).to(device).requires_grad_()
@@ -149,15 +153,31 @@ def test_noncontiguous_inputs_and_scale(device):
     (grad,) = torch.autograd.grad(out.square().sum(), qkv)
     (ref_grad,) = torch.autograd.grad(ref.square().sum(), qkv)
     torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4)
+    launches.require("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
-def test_backward_is_deterministic(device):
-    q, k, v = make_qkv(1, 50, 50, 8, 2, 32, torch.float16, device, seed=7)
+def test_backward_kernels_use_no_atomics():
+    """Determinism by construction (module docstring): no kernel accumulates with atomics, whose
+    order varies between runs. Under the interpreter programs run one after another, so a run-twice
+    comparison cannot fail on a CPU; this static check can (the GPU test below runs the real thing)."""
+    import inspect
+
+    source = inspect.getsource(attention_mod)
+    assert "atomic" not in source.replace("no atomics", "").replace("atomics,", ""), (
+        "attention.py uses atomics: the backward is no longer deterministic by construction")
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic(device, launches):
+    # Many programs in flight at once (GQA 4, 4 sequences, 1000 keys): atomics would reorder sums here.
+    q, k, v = make_qkv(4, 1000, 1000, 16, 4, 64, torch.float16, device, seed=7)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(8)).to(device=device, dtype=q.dtype)
     first = torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
-    second = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    for _ in range(3):
+        again = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+    launches.require("_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
 def _packed(lengths, num_heads, head_dim, dtype, device, seed):
@@ -172,7 +192,7 @@ def _packed(lengths, num_heads, head_dim, dtype, device, seed):
     ([3, 30, 9], [12, 30, 33], True, (8, -1), torch.float32),         # T != S per doc + window
     ([7, 20], [20, 7], False, (-1, -1), torch.float32),               # non-causal, uneven both ways
 ])
-def test_varlen_equals_per_document(lens_q, lens_k, causal, window, dtype, device):
+def test_varlen_equals_per_document(lens_q, lens_k, causal, window, dtype, device, launches):
     num_heads, num_kv_heads, head_dim = 4, 2, 32
     q, cu_q = _packed(lens_q, num_heads, head_dim, dtype, device, seed=9)
     k, cu_k = _packed(lens_k, num_kv_heads, head_dim, dtype, device, seed=10)
@@ -196,9 +216,71 @@ def test_varlen_equals_per_document(lens_q, lens_k, causal, window, dtype, devic
     atol = 1e-4 if dtype == torch.float32 else 2e-2
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=1e-2)
+    launches.require("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
-def test_reference_fallback_when_triton_unavailable(device, monkeypatch):
+def test_varlen_rows_past_cu_seqlens_are_zero_with_zero_grads(device, launches):
+    """Issue 15 case 2: 48 packed rows, cu_seqlens [0, 15, 40]; rows 40-47 belong to no sequence.
+    Kernel and reference both return (48, 4, 32) with those rows zero, lse +inf, and zero gradient;
+    projection-weight gradients are finite and equal to the reference's."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 64, generator=gen).to(device)
+    weights = [(torch.randn(128, 64, generator=gen) / 8).to(device) for _ in range(3)]
+    g = torch.randn(40, 4, 32, generator=gen).to(device)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32, device=device)
+
+    def run(fn):
+        ws = [w.clone().requires_grad_() for w in weights]
+        q, k, v = ((x @ w.t()).view(48, 4, 32) for w in ws)
+        for t in (q, k, v):
+            t.retain_grad()
+        out, lse = fn(q, k, v, cu, cu, 25, 25, causal=True, return_lse=True)
+        (out[:40] * g).sum().backward()
+        return out, lse, [w.grad for w in ws], [t.grad for t in (q, k, v)]
+
+    out, lse, dw, dqkv = run(flash_attn_varlen_func)
+    launches.require("_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+    ref, ref_lse, ref_dw, ref_dqkv = run(varlen_attention_ref)
+    assert out.shape == ref.shape == (48, 4, 32)
+    assert torch.equal(out[40:], torch.zeros_like(out[40:])) and torch.equal(ref[40:], torch.zeros_like(ref[40:]))
+    assert torch.isinf(lse[:, 40:]).all() and torch.isinf(ref_lse[:, 40:]).all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("dq", "dk", "dv"), dqkv, ref_dqkv):
+        assert torch.count_nonzero(got[40:]) == 0, name
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+    for name, got, want in zip(("dW_q", "dW_k", "dW_v"), dw, ref_dw):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_varlen_rows_before_the_first_sequence_are_zero(device, launches):
+    q, _ = _packed([20], 2, 16, torch.float32, device, seed=30)
+    cu = torch.tensor([5, 12, 16], dtype=torch.int32, device=device)  # rows 0-4 and 16-19: no sequence
+    out, lse = flash_attn_varlen_func(q, q, q, cu, cu, 7, 7, return_lse=True)
+    ref, ref_lse = varlen_attention_ref(q, q, q, cu, cu, 7, 7, return_lse=True)
+    assert out.shape == ref.shape == q.shape
+    assert torch.count_nonzero(out[:5]) == 0 and torch.count_nonzero(out[16:]) == 0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    launches.require("_attn_fwd_kernel")
+
+
+@pytest.mark.parametrize("cu,max_len,message", [
+    ([0, 15, 50], 35, "cu_seqlens_q ends at 50 but the packed tensor has only 48 rows"),
+    ([0, 30, 20], 30, "cu_seqlens_q must start at >= 0 and never decrease"),
+    ([-1, 20], 30, "cu_seqlens_q must start at >= 0"),
+    ([0, 15, 40], 20, "cu_seqlens_q holds a sequence of 25 rows, longer than its max_seqlen 20"),
+])
+def test_varlen_rejects_cu_seqlens_that_leave_rows_unwritten_or_read_out_of_bounds(cu, max_len, message,
+                                                                                   device):
+    q = torch.randn(48, 2, 16, device=device)
+    cu = torch.tensor(cu, dtype=torch.int32, device=device)
+    for fn in (flash_attn_varlen_func, varlen_attention_ref):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            fn(q, q, q, cu, cu, max_len, max_len)
+
+
+def test_reference_fallback_when_triton_unavailable(device, monkeypatch, launches):
     q, k, v = make_qkv(1, 9, 9, 2, 1, 32, torch.float32, device, seed=13)
     monkeypatch.setattr(attention_mod, "can_use_triton", lambda *tensors: False)
     out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
@@ -206,6 +288,7 @@ def test_reference_fallback_when_triton_unavailable(device, monkeypatch):
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
     out.sum().backward()  # the reference path is differentiable too
     assert q.grad is not None
+    assert not launches, dict(launches)
 
 
 def test_bad_inputs(device):

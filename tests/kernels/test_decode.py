@@ -54,7 +54,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}Tq{}H{}/{}D{}cap{}pg{}-{}-s{}".format(*c[:9]))
-def test_matches_reference(case, device):
+def test_matches_reference(case, device, launches):
     (batch, seqlen_q, num_heads, num_kv_heads, head_dim, capacity, page_size, cache_lens, num_splits,
      window, softcap, dtype) = case
     gen = torch.Generator().manual_seed(0)
@@ -78,9 +78,12 @@ def test_matches_reference(case, device):
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
     # The new tokens landed where the reference put them, and nothing else changed.
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    launches.require("_decode_split_kernel")
+    if num_splits > 1 and capacity > 128:  # splits are multiples of 128 keys: shorter caches never split
+        launches.require("_decode_combine_kernel")
 
 
-def test_agrees_with_prefill_kernel(device):
+def test_agrees_with_prefill_kernel(device, launches):
     # Decoding the last Tq tokens over the cache == causal flash_attn_func over the whole sequence.
     gen = torch.Generator().manual_seed(1)
     length, seqlen_q = 70, 3
@@ -96,9 +99,10 @@ def test_agrees_with_prefill_kernel(device):
                                   v_all[:, -seqlen_q:], cache_seqlens=seqlens, num_splits=2)
     full = flash_attn_func(q_all, k_all, v_all, causal=True)
     torch.testing.assert_close(out, full[:, -seqlen_q:], atol=1e-5, rtol=1e-5)
+    launches.require("_decode_split_kernel", "_attn_fwd_kernel")
 
 
-def test_split_counts_agree_and_no_append(device):
+def test_split_counts_agree_and_no_append(device, launches):
     # Without k/v the cache is read as is; without cache_seqlens the whole capacity is attended.
     gen = torch.Generator().manual_seed(2)
     k_cache, v_cache, block_table = make_cache(2, 200, 2, 64, torch.float32, device, 16, gen)
@@ -114,6 +118,7 @@ def test_split_counts_agree_and_no_append(device):
     whole = flash_attn_with_kvcache(q, k_cache, v_cache, block_table=block_table, num_splits=3)
     torch.testing.assert_close(whole, kvcache_attention_ref(q, k_cache, v_cache, block_table=block_table),
                                atol=1e-5, rtol=1e-5)
+    assert launches["_decode_split_kernel"] == 4 and launches["_decode_combine_kernel"] == 3, dict(launches)
 
 
 def test_num_splits_heuristic():

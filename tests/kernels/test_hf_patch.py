@@ -36,7 +36,7 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_patched_model_matches_unpatched(arch):
+def test_patched_model_matches_unpatched(arch, launches):
     ids, labels = _batch()
     reference = _tiny(arch)
     patched = _tiny(arch)
@@ -46,9 +46,12 @@ def test_patched_model_matches_unpatched(arch):
         model.train()
     ref_out = reference(ids, labels=labels)
     ref_out.loss.backward()
+    assert not launches, "the unpatched HF model launched Triton kernels"
     out = patched(ids, labels=labels)
     assert out.logits is None  # training with labels: the fused loss never builds logits
     out.loss.backward()
+    launches.require("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
+                     "_rope_kernel", "_cross_entropy_kernel")
     torch.testing.assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5)
     ref_grads, grads = _grads(reference), _grads(patched)
     assert ref_grads.keys() == grads.keys()
@@ -62,7 +65,7 @@ def test_patched_model_matches_unpatched(arch):
         torch.testing.assert_close(eval_out.logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_patch_honours_num_items_in_batch_and_switches():
+def test_patch_honours_num_items_in_batch_and_switches(launches):
     ids, labels = _batch()
     reference = _tiny("llama")
     patched = _tiny("llama")
@@ -73,6 +76,8 @@ def test_patch_honours_num_items_in_batch_and_switches():
         want = reference(ids, labels=labels, num_items_in_batch=n_items).loss
         got = patched(ids, labels=labels, num_items_in_batch=n_items).loss
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    launches.require("_swiglu_fwd_kernel", "_cross_entropy_kernel")
+    assert launches["_rms_norm_fwd_kernel"] == 0 and launches["_rope_kernel"] == 0, dict(launches)
     assert "forward" not in vars(patched.model.norm)  # rms_norm=False left HF's forward
     assert "forward" in vars(patched.model.layers[0].mlp)
     assert "forward" not in vars(patched.model.layers[0].self_attn)  # rope=False

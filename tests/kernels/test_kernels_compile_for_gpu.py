@@ -1,10 +1,12 @@
-"""Compile the Triton kernels ahead of time for an H100 (sm_90) on the CPU.
+"""Compile every Triton kernel ahead of time for an H100/H200 (sm_90a) on the CPU.
 
 The interpreter used by the CPU tests is more permissive than the Triton compiler (types of
 loop-carried values, early returns, int64 loop bounds, ...). Triton's wheel ships ptxas, so the
 full Python -> TTIR -> TTGIR -> PTX -> cubin pipeline runs without a GPU: a kernel that would not
-compile on the device fails here. Runs in a subprocess because TRITON_INTERPRET=1 (set for this
-process by tests/conftest.py) turns @triton.jit into interpreted functions at import time.
+compile on the device fails here. ``tritium.bench.compile_report`` holds the cases (every kernel, every
+flag combination and fixed config the launchers use) and reads registers and spills from ``ptxas -v``.
+Runs in a subprocess because TRITON_INTERPRET=1 (set for this process by tests/conftest.py) turns
+@triton.jit into interpreted functions at import time.
 """
 import json
 import os
@@ -13,75 +15,50 @@ import sys
 
 import pytest
 
-# (module, kernel, constexpr variants): every flag combination that the launchers use.
-CASES = [
-    ("norm", "_rms_norm_fwd_kernel", [{"BLOCK_N": 1024, "HAS_RESIDUAL": r, "SINGLE_BLOCK": s}
-                                          for r in (False, True) for s in (False, True)]),
-    ("norm", "_rms_norm_bwd_kernel", [{"BLOCK_N": 1024, "HAS_DRESIDUAL": r, "SINGLE_BLOCK": s}
-                                          for r in (False, True) for s in (False, True)]),
-    ("mlp", "_swiglu_fwd_kernel", [{"BLOCK_N": 1024}]),
-    ("mlp", "_swiglu_bwd_kernel", [{"BLOCK_N": 1024}]),
-    ("rope", "_rope_kernel", [{"HALF": 64, "BLOCK_HALF": 64, "BLOCK_HQ": 32, "BLOCK_HKV": 8,
-                               "HAS_POSITION_IDS": p, "BACKWARD": b} for p in (False, True) for b in (False, True)]),
-    ("loss", "_cross_entropy_kernel", [
-        {"BLOCK_V": 4096, "HAS_LSE": False, "COMPUTE_LOSS": True, "COMPUTE_GRAD": g, "HAS_SCALE": g,
-         "HAS_SMOOTHING": s} for g in (False, True) for s in (False, True)] + [
-        {"BLOCK_V": 4096, "HAS_LSE": True, "COMPUTE_LOSS": False, "COMPUTE_GRAD": True, "HAS_SCALE": True,
-         "HAS_SMOOTHING": s} for s in (False, True)]),
-]
-
-SCRIPT = r"""
-import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-FP32_POINTERS = {"RSTD", "LSE", "LOSS", "SCALE", "DW_PARTIAL", "COS", "SIN"}
-INT_POINTERS = {"TARGETS", "POS"}
-FLOATS = {"eps", "label_smoothing", "z_loss"}
-SIZES = {"M", "N", "T", "V"}  # upper-case by the shape-letter convention, but integers
-results = []
-for module, kernel, variants in json.loads(sys.argv[1]):
-    fn = getattr(importlib.import_module(f"tritium.kernels.{module}"), kernel)
-    for constexprs in variants:
-        signature = {}
-        for param in fn.params:
-            name = param.name
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-            elif name in FP32_POINTERS:
-                signature[name] = "*fp32"
-            elif name in INT_POINTERS:
-                signature[name] = "*i64"
-            elif name.isupper() and name not in SIZES:  # activations / weights: the bf16 path (the interpreter cannot test it)
-                signature[name] = "*bf16"
-            elif name in FLOATS:
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-        try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            ok, error = "cubin" in compiled.asm, ""
-        except Exception as exc:  # report every failure, not just the first
-            ok, error = False, f"{type(exc).__name__}: {exc}"[:2000]
-        results.append({"kernel": kernel, "constexprs": constexprs, "ok": ok, "error": error})
-print("RESULTS" + json.dumps(results))
-"""
+# Spill-store budget in bytes per (kernel, config) with no budget = 0. Measured with triton 3.9 / ptxas 13.x
+# (bench/NOTES.md) plus 25%: the attention and decode kernels sit at the 255-register cap at the
+# launchers' fixed configs and spill today; this test stops it getting worse (and any new spill) until
+# the tiles are retuned on a GPU.
+SPILL_BUDGET: dict[tuple[str, str], int] = {
+    ("_rms_norm_fwd_kernel", "residual streamed"): 21,
+    ("_rms_norm_bwd_kernel", "plain streamed"): 26,
+    ("_rms_norm_bwd_kernel", "d_residual streamed"): 36,
+    ("_attn_fwd_kernel", "causal D=128"): 491,
+    ("_attn_fwd_kernel", "varlen window+softcap D=80"): 611,
+    ("_attn_fwd_kernel", "causal D=256"): 1401,
+    ("_attn_bwd_dkdv_kernel", "causal D=128"): 2171,
+    ("_attn_bwd_dkdv_kernel", "varlen window+softcap D=80"): 2046,
+    ("_attn_bwd_dkdv_kernel", "causal D=256"): 7473,
+    ("_attn_bwd_dq_kernel", "causal D=128"): 661,
+    ("_attn_bwd_dq_kernel", "varlen window+softcap D=80"): 646,
+    ("_attn_bwd_dq_kernel", "causal D=256"): 1671,
+    ("_decode_split_kernel", "split D=128"): 66,
+    ("_decode_split_kernel", "paged no-split window+softcap D=80"): 1056,
+    ("_decode_split_kernel", "paged split chunked prefill"): 1451,
+    ("_decode_split_kernel", "split D=256"): 101,
+}
 
 
-def test_kernels_compile_for_sm90():
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_within_its_spill_budget():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
-    marker = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS")]
-    assert marker, f"compile script failed:\n{proc.stderr[-3000:]}"
-    results = json.loads(marker[0][len("RESULTS"):])
-    failures = [f"{r['kernel']} {r['constexprs']}: {r['error']}" for r in results if not r["ok"]]
+    proc = subprocess.run([sys.executable, "-m", "tritium.bench.compile_report", "--json"], capture_output=True,
+                          text=True, env=env, timeout=1200, check=False)
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert results, f"compile report failed:\n{proc.stderr[-3000:]}"
+    failures = [f"{r['kernel']} [{r['config']}]: {r['error']}" for r in results if not r["ok"]]
     assert not failures, "\n".join(failures)
-    assert len(results) == sum(len(variants) for _, _, variants in CASES)
+    kernels = {r["kernel"] for r in results}
+    for expected in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_decode_split_kernel",
+                     "_decode_combine_kernel"):
+        assert expected in kernels
+    for r in results:
+        assert r["registers"], f"no register count parsed from ptxas -v: {r}"
+    spills = [f"{r['kernel']} [{r['config']}]: {r['spill_stores']} B stored, {r['spill_loads']} B loaded "
+              f"(budget {SPILL_BUDGET.get((r['kernel'], r['config']), 0)})"
+              for r in results if r["spill_stores"] > SPILL_BUDGET.get((r["kernel"], r["config"]), 0)]
+    assert not spills, "register spills on sm_90a:\n" + "\n".join(spills)
 
 
 def test_public_functions_trace_in_one_graph(device):
@@ -91,9 +68,9 @@ def test_public_functions_trace_in_one_graph(device):
     import torch
 
     from tritium.kernels.loss import cross_entropy, fused_linear_cross_entropy
+    from tritium.kernels.mlp import swiglu, swiglu_mlp
     from tritium.kernels.norm import rms_norm
     from tritium.kernels.rope import apply_rope, rope_cos_sin
-    from tritium.kernels.mlp import swiglu, swiglu_mlp
 
     gen = torch.Generator().manual_seed(0)
 

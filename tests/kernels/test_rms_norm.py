@@ -46,38 +46,42 @@ def _check(x, w, r, dtype, seed):
         assert_close_rule(name, a, b32, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("dtype", dtype_params(cpu_bf16=True))
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rms_norm_matches_reference(shape, residual, dtype, device):
-    x, w, r = _inputs(shape, dtype, device, seed=hash((shape, residual)) % 1000, residual=residual)
+def test_rms_norm_matches_reference(shape, residual, dtype, device, launches):
+    x, w, r = _inputs(shape, dtype, device, seed=sum(shape) + residual, residual=residual)
     _check(x, w, r, dtype, seed=3)
+    launches.require("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel")
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_rms_norm_streams_rows_longer_than_a_block(monkeypatch, residual, device):
+def test_rms_norm_streams_rows_longer_than_a_block(monkeypatch, residual, device, launches):
     # Force 128-wide blocks so the multi-block (hidden up to 65536) path runs on a small row.
     monkeypatch.setattr(rms_mod, "_block_config", lambda n: (128, 4))
     x, w, r = _inputs((5, 300), torch.float32, device, seed=11, residual=residual)
     _check(x, w, r, torch.float32, seed=5)
     x, w, r = _inputs((3, 257), torch.float16, device, seed=12, residual=residual)
     _check(x, w, r, torch.float16, seed=6)
+    launches.require("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel")
 
 
-def test_rms_norm_largest_hidden(device):
+def test_rms_norm_largest_hidden(device, launches):
     x, w, r = _inputs((2, 65536), torch.float32, device, seed=13, residual=True)
     _check(x, w, r, torch.float32, seed=7)
+    launches.require("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel")
 
 
-def test_rms_norm_weight_dtype_promotes_like_hf(device):
+def test_rms_norm_weight_dtype_promotes_like_hf(device, launches):
     # fp16 activations with an fp32 weight: HF returns fp32 (weight * normed.to(fp16)).
     x, w, _ = _inputs((4, 96), torch.float16, device, seed=14, residual=False, weight_dtype=torch.float32)
     y = rms_norm(x, w)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, rms_norm_ref(x, w), atol=1e-6, rtol=1e-6)
+    launches.require("_rms_norm_fwd_kernel")
 
 
-def test_rms_norm_non_contiguous_and_empty(device):
+def test_rms_norm_non_contiguous_and_empty(device, launches):
     x = torch.randn(6, 4, 40, device=device).transpose(0, 1)  # non-contiguous leading dims
     w = torch.randn(40, device=device)
     torch.testing.assert_close(rms_norm(x, w), rms_norm_ref(x, w))
@@ -86,6 +90,7 @@ def test_rms_norm_non_contiguous_and_empty(device):
     torch.testing.assert_close(rms_norm(x_strided, w2), rms_norm_ref(x_strided, w2))
     empty = torch.randn(0, 16, device=device)
     assert rms_norm(empty, torch.ones(16, device=device)).shape == (0, 16)
+    assert launches["_rms_norm_fwd_kernel"] == 2  # the empty input launches nothing
 
 
 def test_rms_norm_errors_name_the_argument(device):
@@ -121,7 +126,7 @@ def test_rms_norm_under_torch_compile(device):
     assert x.grad is not None
 
 
-def test_rms_norm_falls_back_to_reference_without_triton(monkeypatch, device):
+def test_rms_norm_falls_back_to_reference_without_triton(monkeypatch, device, launches):
     monkeypatch.setattr(rms_mod, "can_use_triton", lambda *tensors: False)
     monkeypatch.setattr(rms_mod, "RMSNormFunction", None)  # any kernel use would fail loudly
     x, w, r = _inputs((3, 40), torch.float32, device, seed=17, residual=True)
@@ -129,3 +134,4 @@ def test_rms_norm_falls_back_to_reference_without_triton(monkeypatch, device):
     y_ref, r_ref = rms_norm_ref(x, w, 1e-6, r)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(new_r, r_ref)
+    assert not launches, dict(launches)

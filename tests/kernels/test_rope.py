@@ -13,7 +13,10 @@ COS_LAYOUTS = ["shared", "batched", "batch1"]
 
 
 def _cos_sin(layout, B, P, D, device, dtype=torch.float32):
-    cos, sin = rope_cos_sin(P, D, theta=100.0, device=device, dtype=dtype)
+    # Table row 0 is position 3, not 0: position 0 is the identity rotation (cos 1, sin 0), which a
+    # kernel that ignores cos/sin would pass (single-token shapes see only row 0).
+    cos, sin = rope_cos_sin(P + 3, D, theta=100.0, device=device, dtype=dtype)
+    cos, sin = cos[3:], sin[3:]
     if layout == "batched":  # (B, P, D), different rows per sequence (as HF's rotary returns them)
         shift = torch.arange(B, device=device)[:, None]
         idx = (torch.arange(P, device=device)[None] + shift) % P
@@ -35,6 +38,7 @@ def _check(q, k, cos, sin, pos, dtype, seed):
         return outs, grads
 
     outs, grads = run(apply_rope, lambda t: t)
+    assert not torch.allclose(outs[0].float(), q.float()), "rotation is the identity: the check is blind"
     refs, ref_grads = run(apply_rope_ref, lambda t: t)
     refs32, ref32_grads = run(apply_rope_ref, lambda t: t.float())
     for name, a, b, b32 in zip(["q", "k", "dq", "dk"], outs + grads, refs + ref_grads, refs32 + ref32_grads):
@@ -42,20 +46,22 @@ def _check(q, k, cos, sin, pos, dtype, seed):
         assert_close_rule(name, a, b32, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("dtype", dtype_params(cpu_bf16=True))
 @pytest.mark.parametrize("layout", COS_LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rope_matches_reference(shape, layout, dtype, device):
+def test_rope_matches_reference(shape, layout, dtype, device, launches):
     B, T, Hq, Hkv, D = shape
     gen = torch.Generator().manual_seed(B * 100 + T)
     q = torch.randn(B, T, Hq, D, generator=gen).to(device, dtype)
     k = torch.randn(B, T, Hkv, D, generator=gen).to(device, dtype)
     cos, sin = _cos_sin(layout, B, T + 3, D, device)
     _check(q, k, cos, sin, None, dtype, seed=1)
+    launches.require("_rope_kernel")
+    assert launches["_rope_kernel"] == 2  # forward and backward
 
 
 @pytest.mark.parametrize("layout", COS_LAYOUTS)
-def test_rope_with_position_ids(layout, device):
+def test_rope_with_position_ids(layout, device, launches):
     B, T, Hq, Hkv, D, P = 2, 5, 4, 2, 16, 40
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(B, T, Hq, D, generator=gen).to(device)
@@ -70,9 +76,10 @@ def test_rope_with_position_ids(layout, device):
                                     k[:, :1].expand(B, 18, Hkv, D).contiguous(), cos, sin)
     torch.testing.assert_close(q1, full_q[:, 17:18])
     torch.testing.assert_close(k1, full_k[:, 17:18])
+    launches.require("_rope_kernel")
 
 
-def test_rope_on_hf_transposed_views(device):
+def test_rope_on_hf_transposed_views(device, launches):
     # HF keeps q as (B, H, T, D); the kernel takes the (B, T, H, D) transpose without copying.
     B, Hq, Hkv, T, D = 2, 4, 2, 6, 8
     gen = torch.Generator().manual_seed(8)
@@ -80,9 +87,10 @@ def test_rope_on_hf_transposed_views(device):
     k = torch.randn(B, Hkv, T, D, generator=gen).to(device).transpose(1, 2)
     cos, sin = _cos_sin("batched", B, T, D, device)
     _check(q, k, cos, sin, None, torch.float32, seed=3)
+    launches.require("_rope_kernel")
 
 
-def test_rope_inplace(device):
+def test_rope_inplace(device, launches):
     B, T, Hq, Hkv, D = 2, 4, 3, 1, 8
     q = torch.randn(B, T, Hq, D, device=device)
     k = torch.randn(B, T, Hkv, D, device=device)
@@ -93,6 +101,7 @@ def test_rope_inplace(device):
     assert out_q.data_ptr() == q2.data_ptr() and out_k.data_ptr() == k2.data_ptr()
     torch.testing.assert_close(q2, q_ref)
     torch.testing.assert_close(k2, k_ref)
+    launches.require("_rope_kernel")
     with pytest.raises(ValueError, match="inplace"):
         apply_rope(q.clone().requires_grad_(), k, cos, sin, inplace=True)
 
@@ -172,10 +181,11 @@ def test_rope_under_torch_compile(device):
     assert q.grad is not None and k.grad is not None
 
 
-def test_rope_falls_back_to_reference_without_triton(monkeypatch, device):
+def test_rope_falls_back_to_reference_without_triton(monkeypatch, device, launches):
     monkeypatch.setattr(rope_mod, "can_use_triton", lambda *tensors: False)
     monkeypatch.setattr(rope_mod, "RoPEFunction", None)  # any kernel use would fail loudly
     q, k = torch.randn(2, 3, 2, 8, device=device), torch.randn(2, 3, 1, 8, device=device)
     cos, sin = rope_cos_sin(6, 8, device=device)
     for got, want in zip(apply_rope(q, k, cos, sin), apply_rope_ref(q, k, cos, sin)):
         torch.testing.assert_close(got, want)
+    assert not launches, dict(launches)

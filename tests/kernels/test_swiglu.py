@@ -4,8 +4,8 @@ import torch
 from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.mlp as swiglu_mod
-from tritium.kernels.modules import SwiGLUMLP
 from tritium.kernels.mlp import swiglu, swiglu_mlp, swiglu_mlp_ref, swiglu_ref
+from tritium.kernels.modules import SwiGLUMLP
 
 
 def _grad_check(fn, ref_fn, inputs, dtype, names, seed):
@@ -30,27 +30,29 @@ def _grad_check(fn, ref_fn, inputs, dtype, names, seed):
         assert_close_rule(name, a, b32, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("dtype", dtype_params(cpu_bf16=True))
 @pytest.mark.parametrize("shape", [(1,), (7, 123), (2, 3, 300)])
-def test_swiglu_matches_reference(shape, dtype, device):
+def test_swiglu_matches_reference(shape, dtype, device, launches):
     gen = torch.Generator().manual_seed(len(shape))
     gate = (3 * torch.randn(shape, generator=gen)).to(device, dtype)
     up = torch.randn(shape, generator=gen).to(device, dtype)
     _grad_check(swiglu, swiglu_ref, [gate, up], dtype, ["dgate", "dup"], seed=1)
+    launches.require("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
 
 
-def test_swiglu_on_strided_halves_of_a_fused_projection(device):
+def test_swiglu_on_strided_halves_of_a_fused_projection(device, launches):
     gen = torch.Generator().manual_seed(2)
     gate_up = torch.randn(3, 5, 2 * 77, generator=gen).to(device)
     gate, up = gate_up[..., :77], gate_up[..., 77:]  # row-strided views, used without copies
     assert not gate.is_contiguous()
     _grad_check(swiglu, swiglu_ref, [gate, up], torch.float32, ["dgate", "dup"], seed=3)
+    launches.require("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
 
 
-@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("dtype", dtype_params(cpu_bf16=True))
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_swiglu_mlp_matches_reference(fused, recompute, dtype, device):
+def test_swiglu_mlp_matches_reference(fused, recompute, dtype, device, launches):
     gen = torch.Generator().manual_seed(4)
     hidden, ffn = 24, 40
     x = torch.randn(2, 7, hidden, generator=gen).to(device, dtype)
@@ -60,6 +62,7 @@ def test_swiglu_mlp_matches_reference(fused, recompute, dtype, device):
     names = ["dx", "dw_gate"] + ([] if fused else ["dw_up"]) + ["dw_down"]
     _grad_check(lambda *a: swiglu_mlp(*a, recompute=recompute), swiglu_mlp_ref, [x, w_gate, w_up, w_down],
                 dtype, names, seed=5)
+    launches.require("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
 
 
 def test_swiglu_mlp_recompute_saves_only_the_input(device):
@@ -113,7 +116,7 @@ def test_swiglu_mlp_under_torch_compile(device):
     assert x.grad is not None
 
 
-def test_swiglu_falls_back_to_reference_without_triton(monkeypatch, device):
+def test_swiglu_falls_back_to_reference_without_triton(monkeypatch, device, launches):
     monkeypatch.setattr(swiglu_mod, "can_use_triton", lambda *tensors: False)
     monkeypatch.setattr(swiglu_mod, "_swiglu_fwd_op", None)  # any kernel use would fail loudly
     monkeypatch.setattr(swiglu_mod, "_swiglu_bwd_op", None)
@@ -125,3 +128,4 @@ def test_swiglu_falls_back_to_reference_without_triton(monkeypatch, device):
     # The recomputing autograd path still works on the PyTorch activation.
     _grad_check(swiglu_mlp, swiglu_mlp_ref, [x, w_gu, None, w_d], torch.float32, ["dx", "dw_gate_up", "dw_down"],
                 seed=10)
+    assert not launches, dict(launches)

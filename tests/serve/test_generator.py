@@ -153,9 +153,10 @@ def test_paged_attention_matches_contiguous():
 
 
 def test_cache_attention_matches_kernel_reference():
-    decode = pytest.importorskip("tritium.kernels.decode", reason="kernels/decode.py (K2) not present yet")
+    from tritium.kernels.decode import kvcache_attention_ref  # a broken import must fail, not skip
+
     q, k_cache, v_cache, k, v, seqlens = _random_cache_inputs(2)
-    expected = decode.kvcache_attention_ref(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens=seqlens)
+    expected = kvcache_attention_ref(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens=seqlens)
     got = kvcache_attention_torch(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens=seqlens)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
