@@ -38,16 +38,12 @@ def _step_factory(backend: str):
         ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
         labels = torch.randint(0, cfg.vocab_size, (B, T), device=device)
         if size["scope"] == "block":
-            from tritium.model.backends import resolve_backend
-            from tritium.model.transformer import _Context
-
-            block = model.layers[0]
+            block = model.layers[0]  # bound to the model's backend like every layer
             x = torch.randn(B, T, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
-            cos, sin = model._rope(torch.device(device))
-            ctx = _Context(resolve_backend(model.backend, torch.device(device)), cos, sin, None, None, T, None)
+            cos, sin = model.rotary(T, device=device)
 
             def step():
-                block(x, ctx).float().square().mean().backward()
+                block(x, cos, sin).float().square().mean().backward()
         else:
             def step():
                 model(ids, labels=labels).backward()

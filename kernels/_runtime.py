@@ -56,3 +56,12 @@ def check_tensor(name: str, tensor: torch.Tensor, *, dtypes: tuple[torch.dtype, 
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_runs_on(device: torch.device | str) -> bool:
+    """Whether tritium's Triton kernels (rather than their PyTorch references) run for tensors on
+    ``device``: CUDA, or CPU under ``TRITON_INTERPRET=1`` -- the rule ``can_use_triton`` applies per call."""
+    device_type = torch.device(device).type
+    if not triton_importable():
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and interpreter_enabled())
