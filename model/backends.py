@@ -19,7 +19,9 @@ A spec is a base name, optionally followed by per-component overrides::
 Components: attention (dense and varlen), norm (RMSNorm with optional fused residual add), mlp
 (the SwiGLU activation), rope, loss (fused linear cross-entropy).  ``sdpa`` and ``flash_attn``
 name attention implementations only; as a base they leave the other components on ``torch`` so a
-benchmark of "sdpa" measures exactly one change against "torch".
+benchmark of "sdpa" measures exactly one change against "torch".  ``eager`` (norm, rope) is plain
+PyTorch with a hand-written backward: the references' math in about half as many tensor ops, which
+is what costs time on a CPU (each op is a pass over memory and a thread-pool round trip).
 
 What is requested is not always what runs: tritium's Triton kernels run on CUDA, and on CPU only
 under ``TRITON_INTERPRET=1``; elsewhere each kernel would silently run its PyTorch reference.
@@ -58,16 +60,16 @@ log = logging.getLogger("tritium.model")
 COMPONENTS = ("attention", "norm", "mlp", "rope", "loss")
 IMPLEMENTATIONS = {
     "attention": ("torch", "triton", "sdpa", "flash_attn", "auto"),
-    "norm": ("torch", "triton", "auto"),
+    "norm": ("torch", "triton", "eager", "auto"),
     "mlp": ("torch", "triton", "auto"),
-    "rope": ("torch", "triton", "auto"),
+    "rope": ("torch", "triton", "eager", "auto"),
     "loss": ("torch", "triton", "auto"),
 }
 BASES = ("auto", "torch", "triton", "sdpa", "flash_attn")
 # What "auto" means per device type (chosen by measurement, see the README's Backends section).
 AUTO = {
     "cuda": dict.fromkeys(COMPONENTS, "triton"),
-    "cpu": {**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa"},
+    "cpu": {**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa", "norm": "eager", "rope": "eager"},
 }
 
 
@@ -149,9 +151,9 @@ def _resolve(spec: str, device_type: str) -> Kernels:
         fallbacks=tuple(fallbacks.items()),
         attention=attention,
         varlen_attention=varlen,
-        rms_norm=rms_norm if choices["norm"] == "triton" else rms_norm_ref,
+        rms_norm={"triton": rms_norm, "eager": rms_norm_eager, "torch": rms_norm_ref}[choices["norm"]],
         swiglu=swiglu if choices["mlp"] == "triton" else swiglu_ref,
-        apply_rope=apply_rope if choices["rope"] == "triton" else apply_rope_ref,
+        apply_rope={"triton": apply_rope, "eager": apply_rope_eager, "torch": apply_rope_ref}[choices["rope"]],
         linear_cross_entropy=_loss(fused_linear_cross_entropy if choices["loss"] == "triton"
                                    else fused_linear_cross_entropy_ref),
     )
@@ -217,6 +219,72 @@ def _require_flash_attn(device_type: str) -> None:
 
 _ATTENTION = {"torch": (_torch_attention, _torch_varlen), "triton": (_triton_attention, _triton_varlen),
               "sdpa": (_sdpa, _sdpa_varlen), "flash_attn": (_flash_attention, _flash_varlen)}
+
+
+# --------------------------------------------------------------------------- eager norm and rope
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32 for 16-bit inputs, as the references
+
+
+class _RMSNormEager(torch.autograd.Function):
+    """y = weight * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), HF Llama's rounding (normalise in
+    fp32, round, then scale); backward dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(_compute_dtype(x))
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+        y = weight * (x32 * rstd).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd  # (N, D) in fp32 (or fp64)
+        g = (dy * weight).to(rstd.dtype)
+        dot = torch.linalg.vecdot(g, xhat, dim=-1).unsqueeze(-1).div_(-x.shape[-1])
+        dx = torch.addcmul(g, xhat, dot).mul_(rstd).to(x.dtype)
+        dweight = (dy * xhat.to(dy.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return dx, dweight, None
+
+
+def rms_norm_eager(x, weight, eps=1e-6, residual=None):
+    """``rms_norm_ref``'s signature and math with a hand-written backward (fewer tensor ops)."""
+    if residual is None:
+        return _RMSNormEager.apply(x, weight, eps)
+    h = x + residual
+    return _RMSNormEager.apply(h, weight, eps), h
+
+
+class _RoPEEager(torch.autograd.Function):
+    """rotate_half(x) * sin == roll(x, D/2) * sin_signed (first half of sin negated), so RoPE is
+    one multiply, one roll and one fused multiply-add per tensor; the backward is the same with
+    the roll after the multiply (a half-swap is its own transpose)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin_signed):
+        ctx.save_for_backward(cos, sin_signed)
+        half, acc = q.shape[-1] // 2, _compute_dtype(q)
+        return tuple(torch.addcmul(t.to(acc) * cos, t.to(acc).roll(half, -1), sin_signed).to(t.dtype) for t in (q, k))
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin_signed = ctx.saved_tensors
+        half, acc = dq.shape[-1] // 2, _compute_dtype(dq)
+        grads = (torch.addcmul((d.to(acc) * sin_signed).roll(half, -1), d.to(acc), cos).to(d.dtype) for d in (dq, dk))
+        return (*grads, None, None)
+
+
+def apply_rope_eager(q, k, cos, sin, position_ids=None):
+    """``apply_rope_ref``'s math on q (B, T, Hq, D), k (B, T, Hkv, D), cos/sin (T, D) or (B, T, D)."""
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]
+    T, half = q.shape[1], q.shape[-1] // 2
+    acc = _compute_dtype(q)
+    cos, sin = cos[..., :T, None, :].to(acc), sin[..., :T, None, :].to(acc)  # (.., T, 1, D): broadcast over heads
+    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return _RoPEEager.apply(q, k, cos, sin_signed)
 
 
 def _loss(fn):

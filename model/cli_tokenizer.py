@@ -7,6 +7,7 @@ import sys
 import time
 
 from tritium.model.corpus import DEFAULT_CORPUS_BYTES
+from tritium.model.tokenizer import Tokenizer, train_tokenizer
 
 HELP = "train a sentencepiece BPE tokenizer (embedded corpus by default), encode or decode text"
 
@@ -38,8 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritium.model.tokenizer import Tokenizer, train_tokenizer
-
     if args.action == "train":
         if args.max_bytes <= 0:
             raise ValueError(f"--max-bytes must be positive, got {args.max_bytes}")

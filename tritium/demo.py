@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritium.model.config import ModelConfig
+from tritium.model.tokenizer import Tokenizer
+
 # Prompts in the embedded tasks' formats (align/tasks.py), so the aligned model's answers can be checked by eye.
 _DEMO_PROMPTS = ("add: 12 + 7", "reverse: c a t", "sort: 5 2 8")
 
@@ -58,10 +61,9 @@ class Demo:
 
 def _save_untrained(out: Path) -> None:
     """The tiny model as initialised, saved like any checkpoint so `tritium generate` can sample it."""
+    # torch (and the model, which imports it) load here, not at import: `tritium --help` imports this module.
     import torch
 
-    from tritium.model.config import ModelConfig
-    from tritium.model.tokenizer import Tokenizer
     from tritium.model.transformer import Transformer
 
     print("\n(python) Transformer(ModelConfig.from_name('tiny')).save_pretrained(RUN/untrained)")
@@ -77,7 +79,7 @@ def _free_port() -> int:
 
 
 def _default_nproc() -> int:
-    import torch
+    import torch  # lazy: see _save_untrained
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve_stage(demo: Demo) -> None:
-    import httpx
+    import httpx  # lazy: a second of start-up for every `tritium` command otherwise
 
     port = _free_port()
     ckpt = demo.out / "dpo" / "final"
