@@ -66,7 +66,8 @@ def test_parse_backend_errors(spec, message):
 
 
 def test_auto_is_triton_on_cuda_and_the_fast_torch_path_on_cpu():
-    assert resolve_backend("auto", "cpu").effective == {**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa"}
+    assert resolve_backend("auto", "cpu").effective == {**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa",
+                                                        "norm": "eager", "rope": "eager"}
     assert set(resolve_backend("auto", "cuda").effective.values()) == {"triton"}  # resolving needs no GPU
     assert resolve_backend("auto,attention=sdpa", "cuda").effective["attention"] == "sdpa"
     assert resolve_backend("auto,loss=triton", "cpu").effective["loss"] == "triton"  # interpreter on here
@@ -100,7 +101,7 @@ def test_triton_without_interpreter_on_cpu_reports_torch_and_warns_once():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = sorted({**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa"}.items())
+    expected = sorted({**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa"}.items())  # "triton" -> "torch"
     assert proc.stdout.strip() == str(expected)
     warnings = [line for line in proc.stderr.splitlines() if "fall back" in line]
     assert len(warnings) == 1, proc.stderr
@@ -153,10 +154,11 @@ def setup():
 
 
 # backend -> the components whose Triton kernels must launch (all others must not)
-LAUNCHING = {"sdpa": set(), "triton": set(COMPONENTS), "torch,attention=triton,loss=triton": {"attention", "loss"}}
+LAUNCHING = {"sdpa": set(), "auto": set(), "triton": set(COMPONENTS),
+             "torch,attention=triton,loss=triton": {"attention", "loss"}}
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton", "torch,attention=triton,loss=triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "triton", "torch,attention=triton,loss=triton"])
 def test_dense_backend_matches_torch(setup, launches, backend):
     model, ids, labels = setup
     model.set_backend("torch")
@@ -168,7 +170,7 @@ def test_dense_backend_matches_torch(setup, launches, backend):
     assert {c for c, impl in model.effective_backend.items() if impl == "triton"} == LAUNCHING[backend]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "triton"])
 def test_varlen_backend_matches_torch(setup, launches, backend):
     model, ids, labels = setup
     packed, packed_labels = ids.reshape(1, 38)[:, :33], labels.reshape(1, 38)[:, :33]
