@@ -154,8 +154,7 @@ def _resolve(spec: str, device_type: str) -> Kernels:
         rms_norm={"triton": rms_norm, "eager": rms_norm_eager, "torch": rms_norm_ref}[choices["norm"]],
         swiglu=swiglu if choices["mlp"] == "triton" else swiglu_ref,
         apply_rope={"triton": apply_rope, "eager": apply_rope_eager, "torch": apply_rope_ref}[choices["rope"]],
-        linear_cross_entropy=_loss(fused_linear_cross_entropy if choices["loss"] == "triton"
-                                   else fused_linear_cross_entropy_ref),
+        linear_cross_entropy=_triton_loss if choices["loss"] == "triton" else _torch_loss,
     )
 
 
@@ -287,7 +286,9 @@ def apply_rope_eager(q, k, cos, sin, position_ids=None):
     return _RoPEEager.apply(q, k, cos, sin_signed)
 
 
-def _loss(fn):
-    def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean"):
-        return fn(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction)
-    return linear_cross_entropy
+def _torch_loss(hidden, weight, targets, ignore_index=-100, reduction="mean"):
+    return fused_linear_cross_entropy_ref(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def _triton_loss(hidden, weight, targets, ignore_index=-100, reduction="mean"):
+    return fused_linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction)
