@@ -120,6 +120,10 @@ def test_flash_attn_backend_fails_clearly():
         expected, message = ImportError, "flash-attn package"
     with pytest.raises(expected, match=message):
         resolve_backend("flash_attn", "cpu")
+    with torch.device("meta"):  # describing a model never needs the package: the check comes with the move
+        model = Transformer(ModelConfig.from_name("tiny", num_layers=1), backend="flash_attn")
+    with pytest.raises(expected, match=message):
+        model.to_empty(device="cpu")
 
 
 def _run(model, ids, labels, cu_seqlens=None):
