@@ -28,9 +28,8 @@ _EXPORTS = {
     "flash_attn_func": "attention", "flash_attn_varlen_func": "attention",
     "attention_ref": "attention", "varlen_attention_ref": "attention",
     "flash_attn_with_kvcache": "decode", "kvcache_attention_ref": "decode",
-    # modules
-    "RMSNorm": "modules", "SwiGLUMLP": "modules", "RotaryEmbedding": "modules",
-    "FusedLinearCrossEntropyLoss": "modules", "LinearCrossEntropyHead": "modules",
+    # where the kernels run (CUDA, or CPU under TRITON_INTERPRET=1) rather than their references
+    "triton_runs_on": "_runtime", "can_use_triton": "_runtime",
 }
 
 __all__ = list(_EXPORTS)

@@ -196,3 +196,12 @@ def empty_like(t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """``torch.empty_like`` for kernel outputs: sentinel-filled in debug mode."""
     out = torch.empty_like(t, **kwargs)
     return _fill_sentinel(out) if _sentinel_depth[0] else out
+
+
+def triton_runs_on(device: torch.device | str) -> bool:
+    """Whether tritium's Triton kernels (rather than their PyTorch references) run for tensors on
+    ``device``: CUDA, or CPU under ``TRITON_INTERPRET=1`` -- the rule ``can_use_triton`` applies per call."""
+    device_type = torch.device(device).type
+    if not triton_importable():
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and interpreter_enabled())

@@ -32,6 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tritium.kernels.loss import fused_linear_cross_entropy
+from tritium.kernels.mlp import swiglu
+from tritium.kernels.norm import rms_norm
+from tritium.kernels.rope import apply_rope
+
 SUPPORTED_ARCHITECTURES = {
     # model_type -> (modeling module, class prefix)
     "llama": ("transformers.models.llama.modeling_llama", "Llama"),
@@ -42,12 +47,10 @@ _SUPPORTED_TEXT = ", ".join(f"{prefix}ForCausalLM/{prefix}Model" for _, prefix i
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    from tritium.kernels.norm import rms_norm
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from tritium.kernels.mlp import swiglu
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -74,8 +77,6 @@ def _with_rope_kernel(forward):
 
 
 def _make_rope(original):
-    from tritium.kernels.rope import apply_rope
-
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
         # HF layout: q (B, Hq, T, D), k (B, Hkv, T, D), cos/sin (B, T, D) broadcast over heads.
         if (not _rope_active() or unsqueeze_dim != 1 or kwargs or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
@@ -94,7 +95,6 @@ def _head_forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = Non
         return F.linear(hidden, self.weight, self.bias)
     if self.bias is not None:
         raise ValueError("tritium.kernels.hf.patch(loss=True) supports lm_head without bias only")
-    from tritium.kernels.loss import fused_linear_cross_entropy
     return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1),
                                       ignore_index=ignore_index, reduction=reduction)
 
@@ -130,7 +130,7 @@ def _make_causal_lm_forward(original_forward):
         if not self.training:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_outputs import CausalLMOutputWithPast  # heavy optional import: on use only
         fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
         result: dict[str, Any] = {"loss": loss, "logits": logits}
         for name in ("past_key_values", "cache", "hidden_states", "attentions"):

@@ -28,7 +28,7 @@ losses (and saves the per-token lse) and the backward recomputes each chunk's lo
 
 DeepSpeed ZeRO-3: ``weight`` must be the full (V, H) matrix while the loss runs, forward and
 backward. Call FLCE inside the ``forward`` of the module that owns the head weight (for
-example ``tritium.kernels.modules.LinearCrossEntropyHead``, or the ``lm_head`` patched by
+example ``tritium.model``'s ``LMHead``, or the ``lm_head`` patched by
 ``tritium.kernels.hf.patch``) so ZeRO's module hooks gather it; a partitioned parameter seen
 outside (shape (0,)) raises a ValueError that says so. Tied embeddings additionally need
 ``deepspeed.zero.register_external_parameter`` on the module that uses the weight.

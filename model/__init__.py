@@ -11,6 +11,7 @@ _EXPORTS = {
     "Transformer": "tritium.model.transformer",
     "LMHead": "tritium.model.transformer",
     "zero3_external_params": "tritium.model.transformer",
+    "Kernels": "tritium.model.backends",
     "parse_backend": "tritium.model.backends",
     "resolve_backend": "tritium.model.backends",
     "CheckpointError": "tritium.model.checkpoint",

@@ -28,8 +28,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tritium.model.config import ModelConfig
+from tritium.model.transformer import Transformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -94,8 +97,6 @@ def save_pretrained(model, directory: str | Path, *, max_shard_size: int | str =
     Files are first written to a temporary sibling folder, then moved in with ``os.replace``
     (atomic per file; the config last).  A new directory appears whole; in an existing one other
     files (tokenizer.model, ...) are kept and stale weight shards from an earlier save removed."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     limit = parse_size(max_shard_size)
     dtype = _as_dtype(dtype)
@@ -213,8 +214,6 @@ def load_pretrained(directory: str | Path, *, dtype: torch.dtype | str | None = 
     ``config``, when given, must match the saved config (else CheckpointError listing the fields).
     ``dtype`` None keeps the stored dtype; ``device`` None loads to CPU.  ``verify``: check
     ``checksums.sha256`` first (default: yes, unless ``TRITIUM_VERIFY_CHECKSUMS=0``)."""
-    from tritium.model.transformer import Transformer
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -264,8 +263,6 @@ def load_state_dict(directory: str | Path, model, device=None, dtype: torch.dtyp
 
 def _read_tensors(directory: Path, device):
     """Yield (hf_name, tensor) from safetensors (single or sharded), else a legacy pytorch_model.bin."""
-    from safetensors import safe_open
-
     if (directory / INDEX_NAME).is_file():
         files = _index_files(directory / INDEX_NAME)
     elif (directory / WEIGHTS_NAME).is_file():

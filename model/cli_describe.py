@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from tritium.flags import deprecated_alias
+from tritium.model import sizing
+from tritium.model.config import PRESETS, ModelConfig
+from tritium.model.sizing import OFFLOAD_DEVICES, OFFLOADS, PRECISION_BYTES
 
 HELP = "parameters, FLOPs, training memory per ZeRO stage, KV cache and serving cost of a model"
 
@@ -26,9 +29,6 @@ DIALS: dict[str, tuple[str, type]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tritium.model.config import PRESETS
-    from tritium.model.sizing import OFFLOAD_DEVICES, OFFLOADS, PRECISION_BYTES
-
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(PRESETS), help="a named preset (default: llama2-7b dials)")
     source.add_argument("--config", metavar="FILE",
@@ -75,8 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> Any:
     """The ModelConfig described by --preset / --config and the dial flags."""
-    from tritium.model.config import ModelConfig
-
     overrides = {name: getattr(args, name) for name, _ in DIALS.values() if getattr(args, name) is not None}
     if args.tie_embeddings is not None:
         overrides["tie_embeddings"] = args.tie_embeddings
@@ -116,8 +114,6 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritium.model import sizing
-
     _validate(args)
     cfg = resolve_config(args)
     report = sizing.describe(cfg, num_gpus=args.gpus, precision=args.precision, micro_batch=args.micro_batch,
@@ -155,6 +151,7 @@ def _gib(n: float) -> str:
 
 
 def print_report(cfg: Any, report: dict[str, Any], cost: Any = None, gpu_memory_bytes: float = 80e9) -> None:
+    # rich loads here, not at import: `tritium --help` imports this module and rich costs ~0.1-0.5 s.
     from rich.console import Console
     from rich.table import Table
 

@@ -8,6 +8,7 @@ import time
 
 from tritium.flags import deprecated_alias
 from tritium.model.corpus import DEFAULT_CORPUS_BYTES
+from tritium.model.tokenizer import Tokenizer, train_tokenizer
 
 HELP = "train a sentencepiece BPE tokenizer (embedded corpus by default), encode or decode text"
 
@@ -41,8 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritium.model.tokenizer import Tokenizer, train_tokenizer
-
     if args.action == "train":
         if args.corpus_bytes <= 0:
             raise ValueError(f"--corpus-bytes must be positive, got {args.corpus_bytes}")

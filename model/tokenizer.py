@@ -30,6 +30,7 @@ then the 256 byte pieces, then the learned merges.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,7 +48,7 @@ MIN_VOCAB = 4 + len(CHAT_MARKERS) + 256 + 16
 
 
 def _import_sentencepiece() -> Any:
-    try:
+    try:  # lazy: sentencepiece costs start-up time for commands that never tokenize (tritium --help)
         import sentencepiece
     except ImportError as exc:  # pragma: no cover - a hard dependency
         raise ImportError("the tokenizer needs the 'sentencepiece' package: pip install sentencepiece") from exc
@@ -246,8 +247,6 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike] | None, vocab_size: int,
     if not sentences:
         raise ValueError("the tokenizer inputs hold no text")
     spm = _import_sentencepiece()
-    import io
-
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -3,9 +3,11 @@
 token embedding -> N x [RMSNorm -> attention (RoPE, GQA) -> residual; RMSNorm -> FFN -> residual]
 -> final RMSNorm -> LM head (tied to the embedding or not).
 
-Every numerical primitive goes through ``self.backend`` (see ``model/backends.py``),
-so the same weights run on tritium's Triton kernels, the PyTorch references,
-SDPA or flash-attn.  Module and parameter names are Hugging Face Llama's, minus
+The backend is bound once -- when the model is built, moved, or ``set_backend`` is
+called: ``model/backends.py`` resolves the spec to a ``Kernels`` table of functions
+and every layer that computes calls them directly, so the same weights run on
+tritium's Triton kernels, the PyTorch references, SDPA or flash-attn, and every
+forward takes tensors only.  Module and parameter names are Hugging Face Llama's, minus
 the ``model.`` prefix (``model/checkpoint.py`` adds it), so checkpoints map 1:1.
 
 Conventions the rest of tritium relies on:
@@ -23,55 +25,50 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tritium.model.backends import Ops, parse_backend, resolve_backend, rope_cos_sin
+from tritium.kernels import rope_cos_sin
+from tritium.model.backends import Kernels, parse_backend, resolve_backend
 from tritium.model.config import ModelConfig
 
 LOSS_REDUCTIONS = ("mean", "sum", "none")
 
 
 class KVCache(Protocol):
-    """What ``forward(kv_cache=...)`` needs; serve/kv_cache.py implements contiguous and paged caches."""
+    """What ``forward(kv_cache=...)`` needs; serve/kv_cache.py implements contiguous and paged caches.
+
+    The model delegates the whole attention of a cached forward to ``attend``: each layer passes its
+    index and the new q/k/v (RoPE applied), and the cache stores k/v and attends with its own kernel.
+    """
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k/v (B, T, Hkv, D, RoPE applied) and return causal attention over cached + new, (B, T, Hq, D)."""
 
 
-@dataclass
-class _Context:
-    """Per-forward inputs every block shares (one object keeps checkpointed block calls simple)."""
-
-    ops: Ops
-    cos: torch.Tensor  # (max_seq_len, D) fp32
-    sin: torch.Tensor
-    position_ids: torch.Tensor | None  # (B, T), or None for 0..T-1
-    cu_seqlens: torch.Tensor | None  # (num_docs + 1,) int32 over the flattened B*T tokens
-    max_seqlen: int
-    kv_cache: Any
-
-
 class RMSNorm(nn.Module):
+    kernels: Kernels  # bound by Transformer (``_bind``), as in every module below that calls a kernel
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x, ops: Ops, residual=None):
-        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
+    def forward(self, x, residual=None):
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class Attention(nn.Module):
+    kernels: Kernels
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -81,24 +78,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=False)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen: int = 0, kv_cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = ctx.ops.apply_rope(q, k, ctx.cos, ctx.sin, ctx.position_ids)
-        if ctx.kv_cache is not None:
-            out = ctx.kv_cache.attend(self.layer_idx, q, k, v)
-        elif ctx.cu_seqlens is not None:  # packed documents: attention never crosses a boundary
+        q, k = self.kernels.apply_rope(q, k, cos, sin)
+        if kv_cache is not None:
+            out = kv_cache.attend(self.layer_idx, q, k, v)
+        elif cu_seqlens is not None:  # packed documents: attention never crosses a boundary
             flat = lambda t: t.reshape(B * T, t.shape[2], self.head_dim)  # (N, H, D)
-            out = ctx.ops.varlen_attention(flat(q), flat(k), flat(v), ctx.cu_seqlens, ctx.max_seqlen)
+            out = self.kernels.varlen_attention(flat(q), flat(k), flat(v), cu_seqlens, max_seqlen)
         else:
-            out = ctx.ops.attention(q, k, v, causal=True)
+            out = self.kernels.attention(q, k, v)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
     """SwiGLU (gate, up, down; Llama) or GELU (up, down; GPT-2 / the textbook "seed-7b")."""
+
+    kernels: Kernels
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,9 +107,9 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn_type == "swiglu":
-            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+            return self.down_proj(self.kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -122,11 +121,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(x, ctx.ops), ctx)
+    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen: int = 0, kv_cache: KVCache | None = None):
+        """x (B, T, H); cos/sin (T, D) or (B, T, D) from ``Transformer.rotary``; cu_seqlens (docs + 1,) int32."""
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, kv_cache)
         # The residual add rides inside the norm kernel: h = x + attn_out, normed = RMSNorm(h).
-        normed, h = self.post_attention_layernorm(attn_out, ctx.ops, residual=x)
-        return h + self.mlp(normed, ctx.ops)
+        normed, h = self.post_attention_layernorm(attn_out, residual=x)
+        return h + self.mlp(normed)
 
 
 class LMHead(nn.Module):
@@ -138,6 +138,8 @@ class LMHead(nn.Module):
     list so it is neither registered twice nor untied by ``.to()``/``to_empty``.
     """
 
+    kernels: Kernels
+
     def __init__(self, hidden_size: int, vocab_size: int, tied_embedding: nn.Embedding | None = None):
         super().__init__()
         self._tied = [tied_embedding] if tied_embedding is not None else []
@@ -147,13 +149,13 @@ class LMHead(nn.Module):
     def get_weight(self) -> torch.Tensor:
         return self._tied[0].weight if self._tied else self.weight
 
-    def forward(self, hidden, ops: Ops, labels=None, reduction: str = "mean"):
+    def forward(self, hidden, labels=None, reduction: str = "mean"):
         weight = self.get_weight()
         if labels is None:
             return F.linear(hidden, weight)  # (B, T, V)
         B, T, H = hidden.shape
-        loss = ops.linear_cross_entropy(hidden.reshape(B * T, H), weight, labels.reshape(B * T),
-                                        ignore_index=-100, reduction=reduction)
+        loss = self.kernels.linear_cross_entropy(hidden.reshape(B * T, H), weight, labels.reshape(B * T),
+                                                 ignore_index=-100, reduction=reduction)
         return loss.view(B, T) if reduction == "none" else loss
 
 
@@ -161,7 +163,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, *, backend: str | None = None, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = config
-        self.backend = backend or config.backend  # validated by the setter
+        self.backend = backend or config.backend  # validated by the setter, bound below
         self.gradient_checkpointing = gradient_checkpointing  # recompute each block in backward (saves memory)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
@@ -169,6 +171,7 @@ class Transformer(nn.Module):
         self.lm_head = LMHead(config.hidden_size, config.vocab_size,
                               self.embed_tokens if config.tie_embeddings else None)
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bind(self.embed_tokens.weight.device)
         self.init_weights()
 
     @torch.no_grad()
@@ -198,24 +201,39 @@ class Transformer(nn.Module):
 
     @property
     def backend(self) -> str:
+        """The backend spec as requested (``effective_backend`` says what really runs)."""
         return self._backend
 
     @backend.setter
     def backend(self, spec: str) -> None:
         parse_backend(spec)  # fail here, not at the first forward
         self._backend = spec
-        self._ops: dict[str, Ops] = {}
+        if hasattr(self, "embed_tokens"):  # set again after construction: rebind now
+            self._bind(self.embed_tokens.weight.device)
 
     def set_backend(self, spec: str) -> None:
+        """Rebind every layer to ``spec``'s functions (e.g. ``"triton"``, ``"torch,attention=sdpa"``)."""
         self.backend = spec
 
-    def ops(self, device: torch.device) -> Ops:
-        """The backend's functions for ``device`` (cached per device type: after one eager call,
-        torch.compile sees a constant lookup, not the resolver's imports)."""
-        ops = self._ops.get(device.type)
-        if ops is None:
-            ops = self._ops[device.type] = resolve_backend(self.backend, device)
-        return ops
+    @property
+    def effective_backend(self) -> dict[str, str]:
+        """{component: implementation that really runs} on the device the model is bound to, e.g.
+        ``{"attention": "torch", ...}`` for ``backend="triton"`` on a CPU without the interpreter.
+        Follows the parameters' device (the layers rebind at the first forward after a move)."""
+        return resolve_backend(self._backend, self.embed_tokens.weight.device).effective
+
+    def _bind(self, device: torch.device) -> None:
+        # Resolve once and hand the functions to every layer, so forwards call them directly.
+        self.kernels = resolve_backend(self._backend, device)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, FeedForward, LMHead)):
+                module.kernels = self.kernels
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), to_empty(): the device may have changed, and "auto" means different kernels there.
+        result = super()._apply(fn, *args, **kwargs)
+        self._bind(self.embed_tokens.weight.device)
+        return result
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, kv_cache=None,
                 loss_reduction: str = "mean"):
@@ -228,14 +246,15 @@ class Transformer(nn.Module):
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                                  f"{tuple(input_ids.shape)} (labels are pre-shifted targets)")
         hidden = self.forward_hidden(input_ids, position_ids, cu_seqlens, kv_cache)
-        return self.lm_head(hidden, self.ops(input_ids.device), labels, loss_reduction)
+        return self.lm_head(hidden, labels, loss_reduction)
 
     def forward_hidden(self, input_ids, position_ids=None, cu_seqlens=None, kv_cache=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, H)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        ops = self.ops(input_ids.device)
+        if input_ids.device.type != self.kernels.device_type:  # parameters moved without .to() (ZeRO-3)
+            self._bind(input_ids.device)
         max_seqlen = T
         if cu_seqlens is not None:
             if kv_cache is not None:
@@ -249,23 +268,29 @@ class Transformer(nn.Module):
             raise ValueError(f"position_ids must be (B, T) = {(B, T)}, got {tuple(position_ids.shape)}")
         if position_ids is None and T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self._rope(input_ids.device)
-        ctx = _Context(ops, cos, sin, position_ids, cu_seqlens, max_seqlen, kv_cache)
+        cos, sin = self.rotary(T, position_ids, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, H)
         for layer in self.layers:
             if self.gradient_checkpointing and kv_cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ctx, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
-                x = layer(x, ctx)
-        return self.norm(x, ops)
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, kv_cache)
+        return self.norm(x)
 
-    def _rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # fp32 tables computed once per device, kept out of state_dict (HF checkpoints do not store them).
+    def rotary(self, seq_len: int, position_ids: torch.Tensor | None = None, device=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp32 RoPE (cos, sin) every block takes: rows 0..seq_len-1 as (T, D), or the rows at
+        ``position_ids`` (B, T) as (B, T, D) (decode offsets, packed documents)."""
+        device = torch.device(device) if device is not None else self.embed_tokens.weight.device
+        # Computed once per device, kept out of state_dict (HF checkpoints do not store them).
         if device not in self._rope_tables:
             cfg = self.config
-            self._rope_tables[device] = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta,
-                                                     cfg.rope_scaling, device)
-        return self._rope_tables[device]
+            self._rope_tables[device] = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                                     device=device, dtype=torch.float32)
+        cos, sin = self._rope_tables[device]
+        if position_ids is None:
+            return cos[:seq_len], sin[:seq_len]
+        return cos[position_ids], sin[position_ids]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -274,13 +299,14 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | str | None = None, device=None,
                         backend: str | None = None, config: ModelConfig | None = None) -> Transformer:
+        # Imported here: checkpoint.py imports this module at its top.
         from tritium.model.checkpoint import load_pretrained
 
         return load_pretrained(directory, dtype=dtype, device=device, backend=backend, config=config)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB",
                         dtype: torch.dtype | str | None = None) -> Path:
-        from tritium.model.checkpoint import save_pretrained
+        from tritium.model.checkpoint import save_pretrained  # (see from_pretrained)
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size, dtype=dtype)
 
@@ -301,7 +327,7 @@ def zero3_external_params(model: Transformer) -> list[tuple[nn.Module, nn.Parame
 
 def _gathered(params: list[nn.Parameter]):
     if any(hasattr(p, "ds_id") for p in params):  # partitioned by DeepSpeed ZeRO-3
-        import deepspeed
+        import deepspeed  # heavy optional dependency: only a ZeRO-3 partitioned model gets here
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     return contextlib.nullcontext()

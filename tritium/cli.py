@@ -3,7 +3,9 @@
 Each command lives in the package that owns it, as a module with
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 Modules are imported only to build the parser, and heavy imports (deepspeed,
-fastapi) happen inside ``run`` so ``tritium --help`` stays quick.
+fastapi) happen inside ``run`` so ``tritium --help`` stays quick.  A command
+module that fails to import is an error naming the module and the exception,
+never a command that silently disappears from ``--help``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import importlib
 import os
 import sys
 import traceback
+
+from tritium import __version__
 
 # command name -> module implementing it
 COMMANDS: dict[str, str] = {
@@ -34,16 +38,22 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, Permis
                NotADirectoryError, IsADirectoryError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from tritium import __version__
+class CommandImportError(RuntimeError):
+    """A command's module could not be imported (a broken install or a bug, never "not built yet")."""
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tritium",
         description="Triton kernels and the Llama-style lifecycle: describe, train, align, serve, bench.")
     parser.add_argument("--version", action="version", version=f"tritium {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)  # a module that fails to import is a bug: never hide it
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported with the command it breaks
+            raise CommandImportError(f"command {name!r} is unavailable: importing {module_name} failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
@@ -51,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CommandImportError as exc:
+        if os.environ.get("TRITIUM_DEBUG"):
+            traceback.print_exc()
+        print(f"tritium: error: {exc} (set TRITIUM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritium.model.config import ModelConfig
+from tritium.model.tokenizer import Tokenizer
 from tritium.net import free_port
 from tritium.runs import claim_run_folder
 
@@ -74,10 +76,9 @@ class Demo:
 
 def _save_untrained(out: Path) -> None:
     """The tiny model as initialised, saved like any checkpoint so `tritium generate` can sample it."""
+    # torch (and the model, which imports it) load here, not at import: `tritium --help` imports this module.
     import torch
 
-    from tritium.model.config import ModelConfig
-    from tritium.model.tokenizer import Tokenizer
     from tritium.model.transformer import Transformer
 
     print("\n(python) Transformer(ModelConfig.from_name('tiny')).save_pretrained(RUN/untrained)")
@@ -101,7 +102,7 @@ def link_final(out: Path) -> None:
 
 
 def _default_nproc() -> int:
-    import torch
+    import torch  # lazy: see _save_untrained
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve_stage(demo: Demo) -> None:
-    import httpx
+    import httpx  # lazy: a second of start-up for every `tritium` command otherwise
 
     port = free_port()
     ckpt = demo.out / "final"

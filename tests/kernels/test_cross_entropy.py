@@ -11,7 +11,6 @@ from tritium.kernels.loss import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
-from tritium.kernels.modules import FusedLinearCrossEntropyLoss, LinearCrossEntropyHead
 
 N, H, V = 19, 16, 301  # odd token count, vocab not a multiple of any block
 
@@ -140,18 +139,6 @@ def test_flce_custom_ignore_index_and_shapes(device, launches):
     assert got.shape == (1, N)
     want = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=5, reduction="none")
     torch.testing.assert_close(got.view(N), want, atol=1e-5, rtol=1e-5)
-    launches.require("_cross_entropy_kernel")
-
-
-def test_flce_modules(device, launches):
-    hidden, weight, targets = _data(device, torch.float32, seed=9)
-    loss_mod = FusedLinearCrossEntropyLoss(label_smoothing=0.1)
-    torch.testing.assert_close(loss_mod(hidden, weight, targets),
-                               F.cross_entropy(hidden @ weight.t(), targets, label_smoothing=0.1))
-    head = LinearCrossEntropyHead(H, V).to(device)
-    torch.testing.assert_close(head(hidden), hidden @ head.weight.t())
-    torch.testing.assert_close(head(hidden, targets), F.cross_entropy(hidden @ head.weight.t(), targets),
-                               atol=1e-5, rtol=1e-5)
     launches.require("_cross_entropy_kernel")
 
 

@@ -117,7 +117,7 @@ def test_patch_rejects_unsupported_architectures():
 
 
 def test_import_tritium_kernels_stays_light():
-    code = ("import sys, tritium.kernels as k; k.fused_linear_cross_entropy, k.apply_rope, k.RMSNorm; "
+    code = ("import sys, tritium.kernels as k; k.fused_linear_cross_entropy, k.apply_rope, k.rms_norm; "
             "assert 'transformers' not in sys.modules, 'transformers imported'; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -4,7 +4,6 @@ import torch
 from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.rope as rope_mod
-from tritium.kernels.modules import RotaryEmbedding
 from tritium.kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin
 
 # (B, T, Hq, Hkv, D): single token, GQA, non-power-of-two half dim (D/2 = 3), MQA
@@ -135,15 +134,6 @@ def test_rope_cos_sin_matches_hf_scaling(kind, scaling, seq_len):
     cos, sin = rope_cos_sin(seq_len, head_dim, theta, dict(scaling, rope_type=kind))
     torch.testing.assert_close(cos, emb.cos(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sin, emb.sin(), atol=1e-5, rtol=1e-5)
-
-
-def test_rotary_embedding_module(device):
-    rot = RotaryEmbedding(16, 32, theta=1000.0).to(device)
-    q, k = torch.randn(1, 5, 2, 16, device=device), torch.randn(1, 5, 1, 16, device=device)
-    cos, sin = rope_cos_sin(32, 16, 1000.0, device=device)
-    torch.testing.assert_close(rot(q, k)[0], apply_rope_ref(q, k, cos, sin)[0])
-    with pytest.raises(ValueError, match="max_seq_len"):
-        rot(torch.randn(1, 40, 2, 16, device=device), torch.randn(1, 40, 1, 16, device=device))
 
 
 def test_rope_errors_name_the_argument(device):

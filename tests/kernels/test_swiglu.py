@@ -5,7 +5,6 @@ from kernel_tolerances import assert_close_rule, dtype_params
 
 import tritium.kernels.mlp as swiglu_mod
 from tritium.kernels.mlp import swiglu, swiglu_mlp, swiglu_mlp_ref, swiglu_ref
-from tritium.kernels.modules import SwiGLUMLP
 
 
 def _grad_check(fn, ref_fn, inputs, dtype, names, seed):
@@ -68,9 +67,10 @@ def test_swiglu_mlp_matches_reference(fused, recompute, dtype, device, launches)
 def test_swiglu_mlp_recompute_saves_only_the_input(device):
     """Activation memory: with recompute, autograd keeps x and the weights, nothing ffn-sized."""
     hidden, ffn, tokens = 16, 64, 10
-    mlp = SwiGLUMLP(hidden, ffn, recompute=True).to(device)
+    weights = [torch.randn(*shape, device=device, requires_grad=True)
+               for shape in ((ffn, hidden), (ffn, hidden), (hidden, ffn))]  # gate, up, down
     x = torch.randn(tokens, hidden, device=device, requires_grad=True)
-    params = {p.data_ptr() for p in mlp.parameters()}
+    params = {p.data_ptr() for p in weights}
     saved = []
 
     def pack(t):
@@ -78,13 +78,12 @@ def test_swiglu_mlp_recompute_saves_only_the_input(device):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mlp(x).sum().backward()
+        swiglu_mlp(x, *weights, recompute=True).sum().backward()
     activations = [t for t in saved if t.data_ptr() not in params]
     assert sum(t.numel() for t in activations) == tokens * hidden
-    mlp.recompute = False
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mlp(x).sum()
+        swiglu_mlp(x, *weights, recompute=False).sum()
     assert sum(t.numel() for t in saved if t.data_ptr() not in params) >= 3 * tokens * ffn
 
 
@@ -107,10 +106,11 @@ def test_swiglu_custom_ops_pass_opcheck(device):
 
 @pytest.mark.gpu
 def test_swiglu_mlp_under_torch_compile(device):
-    mlp = SwiGLUMLP(256, 512, fused_gate_up=True).to(device, torch.bfloat16)
+    gate_up = torch.randn(1024, 256, device=device, dtype=torch.bfloat16) / 16  # fused (2 * ffn, hidden)
+    down = torch.randn(256, 512, device=device, dtype=torch.bfloat16) / 23
     x = torch.randn(4, 32, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
-    out = torch.compile(mlp, fullgraph=True)(x)
-    ref = swiglu_mlp_ref(x, mlp.gate_up_weight, None, mlp.down_weight)
+    out = torch.compile(lambda x: swiglu_mlp(x, gate_up, None, down), fullgraph=True)(x)
+    ref = swiglu_mlp_ref(x, gate_up, None, down)
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert x.grad is not None

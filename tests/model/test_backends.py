@@ -1,14 +1,45 @@
-"""Backends: spec parsing, and every backend gives the torch reference's logits, loss and gradients.
+"""Backends: spec parsing, the effective backend, and every backend gives the torch reference's
+logits, loss and gradients -- with a launch count proving which Triton kernels really ran.
 
 The triton backend runs here under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 without CUDA), so shapes stay small: 1 block of the tiny preset, 19-33 tokens, fp32.
 """
+import collections
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import triton.runtime.interpreter
+import triton.runtime.jit
 
+from tritium.kernels import triton_runs_on
 from tritium.model.backends import COMPONENTS, parse_backend, resolve_backend
 from tritium.model.config import ModelConfig
 from tritium.model.transformer import Transformer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the kernels in the interpreter
+
+# Triton kernel name prefix -> the backend component that launches it.
+FAMILIES = {"_attn_": "attention", "_rms_norm_": "norm", "_swiglu_": "mlp", "_rope_": "rope",
+            "_cross_entropy_": "loss"}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counter of Triton launches per component while the test runs (interpreter and compiled)."""
+    counts = collections.Counter()
+    for cls in (triton.runtime.interpreter.InterpretedFunction, triton.runtime.jit.JITFunction):
+        original = cls.run
+
+        def run(self, *args, _original=original, **kwargs):
+            name = self.fn.__name__
+            counts[next((c for p, c in FAMILIES.items() if name.startswith(p)), name)] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "run", run)
+    return counts
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -37,10 +68,48 @@ def test_parse_backend_errors(spec, message):
         parse_backend(spec)
 
 
-def test_auto_is_triton_on_cuda_and_torch_elsewhere():
-    assert set(dict(resolve_backend("auto", "cpu").choices).values()) == {"torch"}
-    assert set(dict(resolve_backend("auto", "cuda").choices).values()) == {"triton"}  # resolving needs no GPU
-    assert dict(resolve_backend("auto,attention=sdpa", "cuda").choices)["attention"] == "sdpa"
+def test_auto_is_triton_on_cuda_and_the_fast_torch_path_on_cpu():
+    assert resolve_backend("auto", "cpu").effective == {**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa",
+                                                        "norm": "eager", "rope": "eager"}
+    assert set(resolve_backend("auto", "cuda").effective.values()) == {"triton"}  # resolving needs no GPU
+    assert resolve_backend("auto,attention=sdpa", "cuda").effective["attention"] == "sdpa"
+    assert resolve_backend("auto,loss=triton", "cpu").effective["loss"] == ("triton" if triton_runs_on("cpu") else "torch")
+
+
+def test_effective_backend_follows_the_device_and_set_backend():
+    model = Transformer(ModelConfig.from_name("tiny", num_layers=1), backend="torch,attention=triton").to(DEVICE)
+    assert model.effective_backend == {**dict.fromkeys(COMPONENTS, "torch"), "attention": "triton"}
+    model.set_backend("sdpa")
+    assert model.effective_backend["attention"] == "sdpa"
+    assert model.layers[0].self_attn.kernels is model.kernels  # every layer rebound at once
+    with pytest.raises(ValueError, match="unknown base"):
+        model.set_backend("cuda")
+    assert model.backend == "sdpa"
+
+
+FALLBACK_SCRIPT = """
+import torch
+from tritium.model.config import ModelConfig
+from tritium.model.transformer import Transformer
+model = Transformer(ModelConfig.from_name("tiny", num_layers=1), backend="triton,attention=sdpa")
+ids = torch.randint(0, 100, (1, 6))
+model(ids, labels=ids).backward()
+model.set_backend("triton,attention=sdpa")
+model(ids)
+print(sorted(model.effective_backend.items()))
+"""
+
+
+def test_triton_without_interpreter_on_cpu_reports_torch_and_warns_once():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = sorted({**dict.fromkeys(COMPONENTS, "torch"), "attention": "sdpa"}.items())  # "triton" -> "torch"
+    assert proc.stdout.strip() == str(expected)
+    warnings = [line for line in proc.stderr.splitlines() if "fall back" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert "'triton,attention=sdpa'" in warnings[0] and "norm, mlp, rope, loss" in warnings[0]
+    assert "TRITON_INTERPRET=1" in warnings[0]
 
 
 def test_flash_attn_backend_fails_clearly():
@@ -51,16 +120,19 @@ def test_flash_attn_backend_fails_clearly():
         expected, message = ImportError, "flash-attn package"
     with pytest.raises(expected, match=message):
         resolve_backend("flash_attn", "cpu")
+    with torch.device("meta"):  # describing a model never needs the package: the check comes with the move
+        model = Transformer(ModelConfig.from_name("tiny", num_layers=1), backend="flash_attn")
+    with pytest.raises(expected, match=message):
+        model.to_empty(device="cpu")
 
 
 def _run(model, ids, labels, cu_seqlens=None):
     # One pass through the blocks (the interpreter is slow); the head then gives logits and both losses.
     model.zero_grad()
     hidden = model.forward_hidden(ids, cu_seqlens=cu_seqlens)
-    ops = resolve_backend(model.backend, ids.device)
-    logits = model.lm_head(hidden, ops)
-    loss = model.lm_head(hidden, ops, labels, "mean")
-    nll = model.lm_head(hidden, ops, labels, "none")
+    logits = model.lm_head(hidden)
+    loss = model.lm_head(hidden, labels, "mean")
+    nll = model.lm_head(hidden, labels, "none")
     (loss + nll.sum() / 100 + 0.1 * logits.square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return logits.detach(), loss.detach(), nll.detach(), grads
@@ -81,28 +153,37 @@ def setup():
     # One block: every component runs (the interpreter's cost grows with layers, not coverage).
     config = ModelConfig.from_name("tiny", num_layers=1, max_seq_len=64, tie_embeddings=False)
     torch.manual_seed(21)
-    model = Transformer(config, backend="torch")
-    ids = torch.randint(0, config.vocab_size, (2, 19))
-    labels = torch.randint(0, config.vocab_size, (2, 19))
+    model = Transformer(config, backend="torch").to(DEVICE)
+    ids = torch.randint(0, config.vocab_size, (2, 19), device=DEVICE)
+    labels = torch.randint(0, config.vocab_size, (2, 19), device=DEVICE)
     labels[1, :5] = -100
     return model, ids, labels
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_dense_backend_matches_torch(setup, backend):
+# backend -> the components whose Triton kernels must launch (all others must not)
+LAUNCHING = {"sdpa": set(), "auto": set(), "triton": set(COMPONENTS),
+             "torch,attention=triton,loss=triton": {"attention", "loss"}}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "triton", "torch,attention=triton,loss=triton"])
+def test_dense_backend_matches_torch(setup, launches, backend):
     model, ids, labels = setup
     model.set_backend("torch")
     reference = _run(model, ids, labels)
+    assert not launches
     model.set_backend(backend)
     _assert_close_to_reference(_run(model, ids, labels), reference)
+    assert set(launches) == LAUNCHING[backend], launches
+    assert {c for c, impl in model.effective_backend.items() if impl == "triton"} == LAUNCHING[backend]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_varlen_backend_matches_torch(setup, backend):
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "triton"])
+def test_varlen_backend_matches_torch(setup, launches, backend):
     model, ids, labels = setup
     packed, packed_labels = ids.reshape(1, 38)[:, :33], labels.reshape(1, 38)[:, :33]
-    cu_seqlens = torch.tensor([0, 7, 8, 24, 33], dtype=torch.int32)  # documents of 7, 1, 16 and 9 tokens
+    cu_seqlens = torch.tensor([0, 7, 8, 24, 33], dtype=torch.int32, device=DEVICE)  # documents of 7, 1, 16 and 9 tokens
     model.set_backend("torch")
     reference = _run(model, packed, packed_labels, cu_seqlens)
     model.set_backend(backend)
     _assert_close_to_reference(_run(model, packed, packed_labels, cu_seqlens), reference)
+    assert set(launches) == LAUNCHING[backend], launches

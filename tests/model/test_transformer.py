@@ -96,8 +96,9 @@ def test_logits_and_loss_conventions():
     torch.testing.assert_close(model(ids, labels=labels, loss_reduction="sum"), expected.sum())
 
 
-def test_kv_cache_prefill_then_decode_matches_full_sequence():
-    model = build(tie_embeddings=False).eval()
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_kv_cache_prefill_then_decode_matches_full_sequence(backend):
+    model = build(backend=backend, tie_embeddings=False).eval()
     torch.manual_seed(2)
     B, T, prefill = 2, 11, 6
     ids = torch.randint(0, 2048, (B, T))
