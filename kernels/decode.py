@@ -34,7 +34,6 @@ from tritium.kernels.attention import (
     _dot_precision,
     _tanh,
     _window,
-    attention_ref,
     autotune_enabled,
 )
 
@@ -400,28 +399,68 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, caus
 def kvcache_attention_ref(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
                           softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, num_splits=0,
                           return_lse=False, *, upcast=True):
-    """Reference: append in place (same as the kernel path), gather each sequence's keys, attention_ref."""
+    """The PyTorch reference of ``flash_attn_with_kvcache`` (same signature and conventions; writes k/v
+    into the cache in place), and the path caches take where Triton cannot run.
+
+    Vectorised over the batch: each row's keys are gathered to (B, S, Hkv, D) with S = the longest row
+    (``cache_seqlens + Tq``, or the capacity when ``cache_seqlens`` is None) and masked per row. GQA
+    never repeats kv heads: q is viewed as (B, Hkv, GROUP * Tq, D), so each kv head's keys serve its
+    GROUP q heads in one matmul. ``upcast=True`` computes in fp32 (the ground truth); ``upcast=False``
+    in the input dtype (the same-dtype baseline of the tolerance rule). Rows with no visible key give
+    out 0 and lse +inf, as flash-attn. -> out (B, Tq, Hq, D) [, lse (B, Hq, Tq) fp32].
+    """
     cache_seqlens = _as_seqlens(cache_seqlens, q.shape[0], q.device)
     _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, window_size,
                         softcap)
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     num_new = 0
     if k is not None:
         append_to_cache(k_cache, v_cache, k, v, cache_seqlens, block_table)
-        num_new = k.shape[1]
+        num_new = seqlen_q
     page_size = k_cache.shape[1]
     capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
-    lengths = (cache_seqlens + num_new).tolist() if cache_seqlens is not None else [capacity] * q.shape[0]
-    outs, lses = [], []
-    for b, length in enumerate(lengths):
-        if block_table is not None:
-            positions = torch.arange(length, device=q.device)
-            blocks = block_table[b].long()[positions // page_size]
-            keys, values = k_cache[blocks, positions % page_size], v_cache[blocks, positions % page_size]
-        else:
-            keys, values = k_cache[b, :length], v_cache[b, :length]
-        out, lse = attention_ref(q[b:b + 1], keys[None], values[None], 0.0, softmax_scale, causal,
-                                 window_size, softcap, True, upcast=upcast)
-        outs.append(out)
-        lses.append(lse)
-    out, lse = torch.cat(outs), torch.cat(lses)
-    return (out, lse) if return_lse else out
+    if cache_seqlens is None:
+        total = torch.full((batch,), capacity, dtype=torch.long, device=q.device)
+        max_len = capacity
+    else:
+        total = cache_seqlens.long() + num_new  # (B,) keys each row has
+        max_len = min(capacity, int(total.max()))
+    if block_table is None:
+        keys, values = k_cache[:, :max_len], v_cache[:, :max_len]  # (B, S, Hkv, D)
+    else:
+        width = -(-max_len // page_size)
+        table = block_table[:, :width].long()
+        keys = k_cache[table].flatten(1, 2)[:, :max_len]  # (B, width * page_size, Hkv, D) -> (B, S, Hkv, D)
+        values = v_cache[table].flatten(1, 2)[:, :max_len]
+    dtype = q.dtype
+    compute = torch.float32 if upcast else dtype
+    # (B, Tq, Hkv, G, D) -> (B, Hkv, G, Tq, D) -> (B, Hkv, G * Tq, D): rows are (q head, token) pairs
+    qg = q.view(batch, seqlen_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    qg = qg.reshape(batch, num_kv_heads, group * seqlen_q, head_dim).to(compute)
+    kh = keys.permute(0, 2, 1, 3).to(compute)  # (B, Hkv, S, D)
+    vh = values.permute(0, 2, 1, 3).to(compute)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    scores = torch.matmul(qg, kh.transpose(-1, -2)) * scale  # (B, Hkv, G * Tq, S)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    key_pos = torch.arange(max_len, device=q.device)
+    query_pos = total[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, Tq) bottom-right
+    mask = key_pos[None, None, :] < total[:, None, None]  # (B, 1, S)
+    left, right = _window(causal, window_size)
+    if right >= 0:
+        mask = mask & (key_pos[None, None, :] <= query_pos[:, :, None] + right)  # (B, Tq, S)
+    if left >= 0:
+        mask = mask & (key_pos[None, None, :] >= query_pos[:, :, None] - left)
+    mask = mask.expand(batch, seqlen_q, max_len)[:, None, None]  # (B, 1, 1, Tq, S)
+    scores = scores.view(batch, num_kv_heads, group, seqlen_q, max_len).masked_fill(~mask, float("-inf"))
+    empty = ~mask.any(dim=-1)  # (B, 1, 1, Tq)
+    probs = torch.softmax(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty[..., None], 0.0)
+    out = torch.matmul(probs.view(batch, num_kv_heads, group * seqlen_q, max_len), vh)  # (B, Hkv, G * Tq, D)
+    out = out.view(batch, num_kv_heads, group, seqlen_q, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(batch, seqlen_q, num_heads, head_dim).to(dtype)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(scores.float(), dim=-1).masked_fill(empty, float("inf"))  # (B, Hkv, G, Tq)
+    return out, lse.reshape(batch, num_heads, seqlen_q)

@@ -1,40 +1,36 @@
 """Continuous batching over a paged KV cache: ``LLMEngine`` and its asyncio bridge ``AsyncEngine``.
 
-Each ``step()`` is one scheduling iteration (the Orca/vLLM design):
+The engine is the model runner around three parts that know nothing of the model (vLLM's split):
 
-1. Decode: every running request whose tokens are all in the cache but the
-   last sampled one gets one more token.  It first needs room for one more
-   key/value; when the block pool is empty the NEWEST running request is
-   preempted -- its blocks are freed and it goes back to the queue, to be
-   recomputed later from prompt + generated tokens (recomputation beats
-   swapping for short sequences, and it never crashes).  The oldest request
-   always makes progress, so nothing starves.
-2. Prefill: requests still consuming their prompt, then new ones from the
-   FIFO queue, get chunks of at most ``max_prefill_tokens`` tokens in total,
-   so a long prompt is spread over several steps instead of stalling every
-   running decode (chunked prefill, Sarathi).  A queued request is admitted
-   only when blocks for its whole prompt are free and fewer than
-   ``max_num_seqs`` are running; otherwise it waits.
-3. Sample for every row whose tokens are all computed, apply stop rules,
-   free the blocks of finished requests.
+* ``serve/scheduler.Scheduler`` decides who runs each step: decodes first, then chunked prefills
+  under a token budget, FIFO admission, preemption of the newest request when blocks run out
+  (see its docstring for the policy);
+* ``serve/block_pool.BlockManager`` decides which KV blocks each request owns;
+* ``serve/kv_cache.PagedKVCache`` holds the key/value tensors and attends through
+  ``flash_attn_with_kvcache``.
 
-A preempted request keeps its ``SequenceState`` (output so far, text already
-streamed, its random generator), so its stream continues where it stopped.
+Each ``step()`` takes the scheduler's plan, runs one forward pass for the decodes and one for the
+prefill chunks, then samples for every row whose tokens are all computed, applies the stop rules
+(one request at a time, in ``_emit``) and releases the blocks of finished requests.
+
+A preempted request keeps its ``SequenceState`` (output so far, text already streamed, its random
+generator), so its stream continues where it stopped.
 """
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from tritium.serve.block_pool import BlockManager
 from tritium.serve.kv_cache import PagedKVCache
 from tritium.serve.sampling import SamplingParams
+from tritium.serve.scheduler import Scheduler, SchedulerRequest
 from tritium.serve.sequence import SequenceState, check_prompt, last_token_logits, sample_for
 
 
@@ -52,14 +48,18 @@ class RequestOutput:
     completion_tokens: int
 
 
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    state: SequenceState
-    arrival: int  # admission order; preemption picks the largest
-    num_computed: int = 0  # tokens (prompt + output) whose keys/values are in the cache
-    new_token_ids: list[int] = field(default_factory=list)  # since the last output
-    text_delta: str = ""
+class _Request(SchedulerRequest):
+    """A request as the engine sees it: the scheduler's counters plus its decoding state."""
+
+    def __init__(self, request_id: str, state: SequenceState, arrival: int) -> None:
+        super().__init__(request_id, arrival)
+        self.state = state
+        self.new_token_ids: list[int] = []  # since the last output
+        self.text_delta = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.state.prompt_ids) + len(self.state.output_ids)
 
     @property
     def tokens(self) -> list[int]:
@@ -72,10 +72,6 @@ class _Request:
             return output[start - len(prompt):start - len(prompt) + count]
         head = prompt[start:start + count]
         return head + output[:count - len(head)]
-
-    @property
-    def pending(self) -> int:
-        return len(self.state.prompt_ids) + len(self.state.output_ids) - self.num_computed
 
     def output(self) -> RequestOutput:
         state = self.state
@@ -124,21 +120,19 @@ class LLMEngine:
         self.max_prefill_tokens = max_prefill_tokens
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, max_num_seqs)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
-        self._watermark = max(1, num_blocks // 100)
         self._arrivals = itertools.count()
-        self._waiting: list[_Request] = []  # sorted by arrival (preempted requests go back in order)
-        self._running: list[_Request] = []  # sorted by arrival
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []  # finished by abort_request, reported by the next step()
-        self._counters = {"num_preemptions": 0, "num_finished": 0, "tokens_generated": 0, "prompt_tokens_processed": 0,
-                              "num_steps": 0}
+        self._counters = {"num_finished": 0, "tokens_generated": 0, "prompt_tokens_processed": 0, "num_steps": 0}
 
     # ------------------------------------------------------------------ requests
     def validate_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (pure; safe from any thread)."""
         check_prompt(list(prompt_ids), params, self.max_model_len, self.config.vocab_size)
-        capacity = self.cache.num_blocks * self.cache.block_size
+        capacity = self.blocks.num_blocks * self.blocks.block_size
         if len(prompt_ids) + params.max_tokens > capacity:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"whole KV cache ({capacity} tokens); lower max_tokens or raise num_blocks")
@@ -154,117 +148,71 @@ class LLMEngine:
         request = _Request(request_id, SequenceState(prompt_ids, params, self.tokenizer, self.device),
                            next(self._arrivals))
         self._requests[request_id] = request
-        self._waiting.append(request)
+        self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> bool:
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
-        if request in self._waiting:
-            self._waiting.remove(request)
-        if request in self._running:
-            self._running.remove(request)
-        self.cache.free(request_id)
+        self.scheduler.abort(request)
         request.text_delta += request.state.abort()
         self._aborted.append(request)
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running or self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     def stats(self) -> dict:
-        return dict(num_waiting=len(self._waiting), num_running=len(self._running),
-                    num_prefilling=sum(1 for r in self._running if r.pending > 1),
-                    kv_blocks_used=self.cache.num_used_blocks, kv_blocks_total=self.cache.num_blocks,
-                    kv_block_size=self.cache.block_size, max_num_seqs=self.max_num_seqs, **self._counters)
+        scheduler = self.scheduler
+        return dict(num_waiting=len(scheduler.waiting), num_running=len(scheduler.running),
+                    num_prefilling=scheduler.num_prefilling,
+                    kv_blocks_used=self.blocks.num_used_blocks, kv_blocks_total=self.blocks.num_blocks,
+                    kv_block_size=self.blocks.block_size, max_num_seqs=self.max_num_seqs,
+                    num_preemptions=scheduler.num_preemptions, **self._counters)
 
-    # ------------------------------------------------------------------ scheduling
-    def _preempt(self, request: _Request) -> None:
-        self._running.remove(request)
-        self.cache.free(request.request_id)
-        request.num_computed = 0  # recompute prompt + output when readmitted
-        bisect.insort(self._waiting, request, key=lambda r: r.arrival)
-        self._counters["num_preemptions"] += 1
-
-    def _schedule_decodes(self) -> list[_Request]:
-        decodes = []
-        for request in list(self._running):
-            if request not in self._running or request.pending != 1:
-                continue
-            while not self.cache.allocate(request.request_id, request.num_computed + 1):
-                victim = self._running[-1]  # newest
-                self._preempt(victim)
-                if victim is request:
-                    break
-            else:
-                decodes.append(request)
-        return [r for r in decodes if r in self._running]
-
-    def _schedule_prefills(self) -> list[tuple[_Request, int]]:
-        budget = self.max_prefill_tokens
-        chunks = []
-        for request in self._running:  # continue prompts already admitted (blocks already held)
-            if budget == 0:
-                break
-            if request.pending > 1:
-                chunk = min(request.pending, budget)
-                chunks.append((request, chunk))
-                budget -= chunk
-        while budget > 0 and self._waiting and len(self._running) < self.max_num_seqs:
-            request = self._waiting[0]
-            # A small reserve of free blocks lets running decodes grow without preempting the request
-            # just admitted; with nothing running the reserve is waived so a request filling the whole
-            # cache still gets in.
-            reserve = min(len(self._running), self._watermark)
-            needed = self.cache.blocks_needed(request.request_id, len(request.tokens))
-            if needed + reserve > self.cache.num_free_blocks or \
-                    not self.cache.allocate(request.request_id, len(request.tokens)):
-                break  # FIFO: the head waits for blocks, later requests do not overtake it
-            self._waiting.pop(0)
-            self._running.append(request)
-            self._running.sort(key=lambda r: r.arrival)
-            chunk = min(request.pending, budget)
-            chunks.append((request, chunk))
-            budget -= chunk
-        return chunks
-
-    # ------------------------------------------------------------------ forward passes
+    # ------------------------------------------------------------------ model runner
     def _forward(self, rows: list[tuple[_Request, int]]) -> torch.Tensor:
         """Feed ``chunk`` new tokens of each request (right-padded); logits (B, V) at each chunk's end."""
-        B, T = len(rows), max(chunk for _, chunk in rows)
-        input_ids = torch.zeros(B, T, dtype=torch.long)
-        position_ids = torch.zeros(B, T, dtype=torch.long)
-        for row, (request, chunk) in enumerate(rows):
+        T = max(chunk for _, chunk in rows)
+        ids, positions, seqlens, last = [], [], [], []
+        limit = self.max_model_len - 1
+        for request, chunk in rows:
             start = request.num_computed
-            input_ids[row, :chunk] = torch.tensor(request.token_slice(start, chunk))
+            ids.append(request.token_slice(start, chunk) + [0] * (T - chunk))
             # Pad positions continue the row's positions (any valid position works: their outputs are unused).
-            position_ids[row] = torch.arange(start, start + T).clamp(max=self.max_model_len - 1)
-        self.cache.prepare([r.request_id for r, _ in rows], [r.num_computed for r, _ in rows], T)
-        last = torch.tensor([chunk - 1 for _, chunk in rows], device=self.device)
-        return last_token_logits(self.model, input_ids.to(self.device), position_ids.to(self.device), self.cache,
-                                 last_index=last)
+            positions.append([min(p, limit) for p in range(start, start + T)])
+            seqlens.append(start)
+            last.append(chunk - 1)
+        self.cache.prepare([self.blocks.table(r.request_id) for r, _ in rows], seqlens, T)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+        position_ids = torch.tensor(positions, dtype=torch.long).to(self.device)
+        last_index = torch.tensor(last, dtype=torch.long).to(self.device)
+        return last_token_logits(self.model, input_ids, position_ids, self.cache, last_index=last_index)
 
-    def _finish(self, request: _Request) -> None:
-        self._running.remove(request)
-        self._requests.pop(request.request_id, None)
-        self.cache.free(request.request_id)
-        self._counters["num_finished"] += 1
+    def _emit(self, request: _Request, token: int, logprob: float | None) -> None:
+        """Record one sampled token for one request: stop rules, detokenized text, finishing."""
+        request.text_delta += request.state.append(token, logprob)
+        request.new_token_ids.append(token)
+        self._counters["tokens_generated"] += 1
+        if request.state.finished:
+            self.scheduler.finish(request)
+            self._requests.pop(request.request_id, None)
+            self._counters["num_finished"] += 1
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         outputs = [r.output() for r in self._aborted]
         self._aborted.clear()
-        decodes = self._schedule_decodes()
-        prefills = self._schedule_prefills()
+        plan = self.scheduler.schedule()
         sampled: list[tuple[_Request, torch.Tensor]] = []
-        if decodes:
-            logits = self._forward([(r, 1) for r in decodes])
-            for request in decodes:
+        if plan.decodes:
+            logits = self._forward([(r, 1) for r in plan.decodes])
+            for request in plan.decodes:
                 request.num_computed += 1
-            sampled.extend(zip(decodes, logits))
-        if prefills:
-            logits = self._forward(prefills)
-            for (request, chunk), row_logits in zip(prefills, logits):
+            sampled.extend(zip(plan.decodes, logits))
+        if plan.prefills:
+            logits = self._forward(plan.prefills)
+            for (request, chunk), row_logits in zip(plan.prefills, logits):
                 request.num_computed += chunk
                 self._counters["prompt_tokens_processed"] += chunk
                 if request.pending == 0:
@@ -274,11 +222,7 @@ class LLMEngine:
             requests = [r for r, _ in sampled]
             tokens, logprobs = sample_for([r.state for r in requests], torch.stack([l for _, l in sampled]))
             for request, token, logprob in zip(requests, tokens, logprobs):
-                request.text_delta += request.state.append(token, logprob)
-                request.new_token_ids.append(token)
-                self._counters["tokens_generated"] += 1
-                if request.state.finished:
-                    self._finish(request)
+                self._emit(request, token, logprob)
                 outputs.append(request.output())
         return outputs
 

@@ -102,7 +102,7 @@ def test_abort_frees_blocks(serve_model, tiny_tokenizer, requests, expected):
     engine.step()
     engine.step()
     used = engine.stats()["kv_blocks_used"]
-    own = len(engine.cache.table("r1"))
+    own = len(engine.blocks.table("r1"))
     assert own > 0 and engine.abort_request("r1") and not engine.abort_request("r1")
     assert engine.stats()["kv_blocks_used"] == used - own
     outs = engine.step()
@@ -187,4 +187,19 @@ def test_engine_on_cuda_matches_generator(tiny_tokenizer, serve_prompts):
         engine.add_request(f"r{i}", ids, p)
     final = engine.run_to_completion()
     assert [final[f"r{i}"].token_ids for i in range(4)] == [r.token_ids for r in reference]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_engine_runs_the_triton_decode_kernel(triton_serve_model, tiny_tokenizer, requests, expected,
+                                              decode_launches):
+    """backend="triton" on CPU: the paged cache attends through the Triton decode kernel (interpreter),
+    under chunked prefill and decodes, and greedy tokens still equal the no-cache torch model's."""
+    engine = LLMEngine(triton_serve_model, tiny_tokenizer, block_size=4, num_blocks=32, max_num_seqs=3,
+                       max_prefill_tokens=8)
+    for rid, ids, params in requests[:3]:
+        engine.add_request(rid, ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    final = engine.run_to_completion()
+    for rid, _, _ in requests[:3]:
+        assert final[rid].token_ids == expected[rid][:4], rid
+    assert decode_launches.launches >= engine.stats()["num_steps"] * triton_serve_model.config.num_layers
     assert engine.stats()["kv_blocks_used"] == 0
