@@ -19,6 +19,7 @@ read once per kv head, not once per q head. Inference only: no autograd.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -396,16 +397,86 @@ def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, caus
     return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class _RefIndex:
+    """What the reference derives from the lengths and the block table alone, so that every layer of
+    one forward pass (same ``cache_seqlens`` and ``block_table`` tensors) reuses it."""
+
+    write_slots: torch.Tensor | None  # (B * Tq,) cache slot of each new token, in the (slots, Hkv, D) view
+    read_rows: torch.Tensor  # (B * Hkv * S,) rows of the (slots * Hkv, D) view, heads-first per sequence
+    max_len: int  # S: keys gathered per row (the longest row)
+    mask: torch.Tensor  # (B, 1, 1, Tq, S) True where query t of row b sees key s
+    empty: torch.Tensor  # (B, 1, 1, Tq) rows with no visible key
+    bias: torch.Tensor  # (B, 1, 1, Tq, S) fp32: 0 where visible, -inf where not (0 on empty rows)
+    any_empty: bool
+
+
+_REF_INDEX: list = []  # one entry: (key, copies of cache_seqlens and block_table, _RefIndex)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b is None or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+
+def _ref_index(k_cache, cache_seqlens, block_table, batch, seqlen_q, num_new, causal, window_size) -> _RefIndex:
+    # Keyed on values, not tensor versions: inference-mode tensors carry no version counter.
+    key = (tuple(k_cache.shape), k_cache.device, batch, seqlen_q, num_new, causal, tuple(window_size))
+    if _REF_INDEX:
+        old_key, old_seqlens, old_table, index = _REF_INDEX[0]
+        if old_key == key and _same(old_seqlens, cache_seqlens) and _same(old_table, block_table):
+            return index
+    device = k_cache.device
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
+    if cache_seqlens is None:
+        total = torch.full((batch,), capacity, dtype=torch.long, device=device)
+        max_len = capacity
+    else:
+        total = cache_seqlens.long() + num_new  # (B,) keys each row has
+        max_len = min(capacity, int(total.max()))
+
+    def slots(positions):  # (B, N) token positions -> slots of the cache viewed as (slots, Hkv, D)
+        if block_table is None:
+            return torch.arange(batch, device=device)[:, None] * k_cache.shape[1] + positions
+        return block_table.long().gather(1, positions // page_size) * page_size + positions % page_size
+
+    write_slots = None
+    if num_new:
+        write_slots = slots(cache_seqlens.long()[:, None] + torch.arange(num_new, device=device)).flatten()
+    read_slots = slots(torch.arange(max_len, device=device).expand(batch, max_len))  # (B, S)
+    # One gather builds the (B, Hkv, S, D) layout the matmuls want: no transpose copy afterwards.
+    read_rows = (read_slots[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=device)[None, :, None])
+    key_pos = torch.arange(max_len, device=device)
+    query_pos = total[:, None] - seqlen_q + torch.arange(seqlen_q, device=device)  # (B, Tq) bottom-right
+    mask = key_pos[None, None, :] < total[:, None, None]  # (B, 1, S)
+    left, right = _window(causal, window_size)
+    if right >= 0:
+        mask = mask & (key_pos[None, None, :] <= query_pos[:, :, None] + right)  # (B, Tq, S)
+    if left >= 0:
+        mask = mask & (key_pos[None, None, :] >= query_pos[:, :, None] - left)
+    mask = mask.expand(batch, seqlen_q, max_len)[:, None, None]  # (B, 1, 1, Tq, S)
+    empty = ~mask.any(dim=-1)
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask & ~empty[..., None],
+                                                                                   float("-inf"))
+    index = _RefIndex(write_slots, read_rows.flatten(), max_len, mask, empty, bias, bool(empty.any()))
+    _REF_INDEX[:] = [(key, None if cache_seqlens is None else cache_seqlens.clone(),
+                      None if block_table is None else block_table.clone(), index)]
+    return index
+
+
 def kvcache_attention_ref(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
                           softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, num_splits=0,
                           return_lse=False, *, upcast=True):
     """The PyTorch reference of ``flash_attn_with_kvcache`` (same signature and conventions; writes k/v
     into the cache in place), and the path caches take where Triton cannot run.
 
-    Vectorised over the batch: each row's keys are gathered to (B, S, Hkv, D) with S = the longest row
+    Vectorised over the batch: each row's keys are gathered to (B, Hkv, S, D) with S = the longest row
     (``cache_seqlens + Tq``, or the capacity when ``cache_seqlens`` is None) and masked per row. GQA
     never repeats kv heads: q is viewed as (B, Hkv, GROUP * Tq, D), so each kv head's keys serve its
-    GROUP q heads in one matmul. ``upcast=True`` computes in fp32 (the ground truth); ``upcast=False``
+    GROUP q heads in one matmul (fused SDPA unless lse or softcap is asked for). The gather/write
+    indices and the mask depend only on the lengths and the block table, so consecutive calls with
+    the same (unmodified) ``cache_seqlens`` and ``block_table`` tensors -- every layer of a forward
+    pass -- compute them once. ``upcast=True`` computes in fp32 (the ground truth); ``upcast=False``
     in the input dtype (the same-dtype baseline of the tolerance rule). Rows with no visible key give
     out 0 and lse +inf, as flash-attn. -> out (B, Tq, Hq, D) [, lse (B, Hq, Tq) fp32].
     """
@@ -415,49 +486,42 @@ def kvcache_attention_ref(q, k_cache, v_cache, k=None, v=None, cache_seqlens=Non
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    num_new = 0
-    if k is not None:
-        append_to_cache(k_cache, v_cache, k, v, cache_seqlens, block_table)
-        num_new = seqlen_q
-    page_size = k_cache.shape[1]
-    capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
-    if cache_seqlens is None:
-        total = torch.full((batch,), capacity, dtype=torch.long, device=q.device)
-        max_len = capacity
-    else:
-        total = cache_seqlens.long() + num_new  # (B,) keys each row has
-        max_len = min(capacity, int(total.max()))
-    if block_table is None:
-        keys, values = k_cache[:, :max_len], v_cache[:, :max_len]  # (B, S, Hkv, D)
-    else:
-        width = -(-max_len // page_size)
-        table = block_table[:, :width].long()
-        keys = k_cache[table].flatten(1, 2)[:, :max_len]  # (B, width * page_size, Hkv, D) -> (B, S, Hkv, D)
-        values = v_cache[table].flatten(1, 2)[:, :max_len]
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("kvcache_attention_ref needs contiguous k_cache and v_cache (it views them as slots)")
+    num_new = seqlen_q if k is not None else 0
+    index = _ref_index(k_cache, cache_seqlens, block_table, batch, seqlen_q, num_new, causal, window_size)
+    flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    if num_new:
+        flat_k.index_copy_(0, index.write_slots, k.reshape(-1, num_kv_heads, head_dim).to(k_cache.dtype))
+        flat_v.index_copy_(0, index.write_slots, v.reshape(-1, num_kv_heads, head_dim).to(v_cache.dtype))
+    S = index.max_len
     dtype = q.dtype
     compute = torch.float32 if upcast else dtype
+    keys = flat_k.view(-1, head_dim).index_select(0, index.read_rows).view(batch, num_kv_heads, S, head_dim)
+    values = flat_v.view(-1, head_dim).index_select(0, index.read_rows).view(batch, num_kv_heads, S, head_dim)
+    keys, values = keys.to(compute), values.to(compute)
     # (B, Tq, Hkv, G, D) -> (B, Hkv, G, Tq, D) -> (B, Hkv, G * Tq, D): rows are (q head, token) pairs
     qg = q.view(batch, seqlen_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     qg = qg.reshape(batch, num_kv_heads, group * seqlen_q, head_dim).to(compute)
-    kh = keys.permute(0, 2, 1, 3).to(compute)  # (B, Hkv, S, D)
-    vh = values.permute(0, 2, 1, 3).to(compute)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    scores = torch.matmul(qg, kh.transpose(-1, -2)) * scale  # (B, Hkv, G * Tq, S)
+    mask, empty = index.mask, index.empty
+    if not return_lse and softcap == 0:
+        # Fast path (what caches on CPU run): an additive mask, in-place scale and softmax. Measured on
+        # CPU at decode shapes (Tq * GROUP rows per kv head) it beats fused SDPA, whose per-call setup
+        # dominates for so few query rows.
+        scores = torch.matmul(qg, keys.transpose(-1, -2))  # (B, Hkv, G * Tq, S)
+        scores.view(batch, num_kv_heads, group, seqlen_q, S).mul_(scale).add_(index.bias)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values).view(batch, num_kv_heads, group, seqlen_q,
+                                                                          head_dim)
+        if index.any_empty:
+            out = out.masked_fill(empty[..., None], 0.0)
+        return out.permute(0, 3, 1, 2, 4).reshape(batch, seqlen_q, num_heads, head_dim).to(dtype)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # (B, Hkv, G * Tq, S)
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
-    key_pos = torch.arange(max_len, device=q.device)
-    query_pos = total[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, Tq) bottom-right
-    mask = key_pos[None, None, :] < total[:, None, None]  # (B, 1, S)
-    left, right = _window(causal, window_size)
-    if right >= 0:
-        mask = mask & (key_pos[None, None, :] <= query_pos[:, :, None] + right)  # (B, Tq, S)
-    if left >= 0:
-        mask = mask & (key_pos[None, None, :] >= query_pos[:, :, None] - left)
-    mask = mask.expand(batch, seqlen_q, max_len)[:, None, None]  # (B, 1, 1, Tq, S)
-    scores = scores.view(batch, num_kv_heads, group, seqlen_q, max_len).masked_fill(~mask, float("-inf"))
-    empty = ~mask.any(dim=-1)  # (B, 1, 1, Tq)
+    scores = scores.view(batch, num_kv_heads, group, seqlen_q, S).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty[..., None], 0.0)
-    out = torch.matmul(probs.view(batch, num_kv_heads, group * seqlen_q, max_len), vh)  # (B, Hkv, G * Tq, D)
+    out = torch.matmul(probs.view(batch, num_kv_heads, group * seqlen_q, S), values)  # (B, Hkv, G * Tq, D)
     out = out.view(batch, num_kv_heads, group, seqlen_q, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(batch, seqlen_q, num_heads, head_dim).to(dtype)
     if not return_lse:
