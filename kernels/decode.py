@@ -435,21 +435,32 @@ def _ref_index(k_cache, cache_seqlens, block_table, batch, seqlen_q, num_new, ca
         total = cache_seqlens.long() + num_new  # (B,) keys each row has
         max_len = min(capacity, int(total.max()))
 
-    def slots(positions):  # (B, N) token positions -> slots of the cache viewed as (slots, Hkv, D)
-        if block_table is None:
-            return torch.arange(batch, device=device)[:, None] * k_cache.shape[1] + positions
-        return block_table.long().gather(1, positions // page_size) * page_size + positions % page_size
-
+    if block_table is None:  # slot of (row b, position p) in the cache viewed as (slots, Hkv, D)
+        row_slots = torch.arange(batch, device=device)[:, None] * k_cache.shape[1] + \
+            torch.arange(k_cache.shape[1], device=device)  # (B, S_max)
+    else:
+        width = -(-max_len // page_size)
+        row_slots = ((block_table[:, :width].long() * page_size)[:, :, None]
+                     + torch.arange(page_size, device=device)).flatten(1)  # (B, width * page_size)
     write_slots = None
     if num_new:
-        write_slots = slots(cache_seqlens.long()[:, None] + torch.arange(num_new, device=device)).flatten()
-    read_slots = slots(torch.arange(max_len, device=device).expand(batch, max_len))  # (B, S)
+        write_slots = row_slots.gather(1, cache_seqlens.long()[:, None]
+                                       + torch.arange(num_new, device=device)).flatten()
     # One gather builds the (B, Hkv, S, D) layout the matmuls want: no transpose copy afterwards.
-    read_rows = (read_slots[:, None, :] * num_kv_heads + torch.arange(num_kv_heads, device=device)[None, :, None])
+    read_rows = row_slots[:, None, :max_len] * num_kv_heads + torch.arange(num_kv_heads, device=device)[:, None]
     key_pos = torch.arange(max_len, device=device)
-    query_pos = total[:, None] - seqlen_q + torch.arange(seqlen_q, device=device)  # (B, Tq) bottom-right
-    mask = key_pos[None, None, :] < total[:, None, None]  # (B, 1, S)
+    visible = key_pos < total[:, None]  # (B, S)
     left, right = _window(causal, window_size)
+    if seqlen_q == 1 and left < 0 and right <= 0 and num_new:
+        # One new query at the end sees every key: no causal mask, and no row is empty.
+        mask = visible[:, None, None, None, :]  # (B, 1, 1, 1, S)
+        empty = torch.zeros(mask.shape[:-1], dtype=torch.bool, device=device)
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
+        index = _RefIndex(write_slots, read_rows.flatten(), max_len, mask, empty, bias, False)
+        _REF_INDEX[:] = [(key, cache_seqlens.clone(), None if block_table is None else block_table.clone(), index)]
+        return index
+    query_pos = total[:, None] - seqlen_q + torch.arange(seqlen_q, device=device)  # (B, Tq) bottom-right
+    mask = visible[:, None, :]  # (B, 1, S)
     if right >= 0:
         mask = mask & (key_pos[None, None, :] <= query_pos[:, :, None] + right)  # (B, Tq, S)
     if left >= 0:
