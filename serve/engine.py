@@ -46,6 +46,7 @@ class RequestOutput:
     logprobs: list[float] | None  # aligned with token_ids when requested
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's cached_tokens)
 
 
 class _Request(SchedulerRequest):
@@ -65,6 +66,9 @@ class _Request(SchedulerRequest):
     def tokens(self) -> list[int]:
         return self.state.all_ids
 
+    def token_ids(self) -> list[int]:
+        return self.state.all_ids
+
     def token_slice(self, start: int, count: int) -> list[int]:
         """tokens[start:start + count] without concatenating prompt and output (O(count) per step)."""
         prompt, output = self.state.prompt_ids, self.state.output_ids
@@ -80,7 +84,8 @@ class _Request(SchedulerRequest):
             token_ids=list(state.output_ids), text=state.text, finished=state.finished,
             finish_reason=state.finish_reason,
             logprobs=list(state.logprobs) if state.logprobs is not None else None,
-            prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids))
+            prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids),
+            cached_tokens=self.num_cached_tokens)
         self.new_token_ids, self.text_delta = [], ""
         return out
 
@@ -121,7 +126,7 @@ class LLMEngine:
     """Continuous-batching engine over one model; single-threaded (``AsyncEngine`` adds the thread)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_num_seqs: int = 32, max_prefill_tokens: int = 512) -> None:
+                 max_num_seqs: int = 32, max_prefill_tokens: int = 512, enable_prefix_caching: bool = True) -> None:
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -135,7 +140,7 @@ class LLMEngine:
         self.max_prefill_tokens = max_prefill_tokens
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, max_num_seqs)
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
         self._arrivals = itertools.count()
@@ -183,7 +188,9 @@ class LLMEngine:
                     num_prefilling=scheduler.num_prefilling,
                     kv_blocks_used=self.blocks.num_used_blocks, kv_blocks_total=self.blocks.num_blocks,
                     kv_block_size=self.blocks.block_size, max_num_seqs=self.max_num_seqs,
-                    num_preemptions=scheduler.num_preemptions, **self._counters)
+                    num_preemptions=scheduler.num_preemptions,
+                    prefix_cache_queries=scheduler.prefix_cache_queries,
+                    prefix_cache_hits=scheduler.prefix_cache_hits, **self._counters)
 
     # ------------------------------------------------------------------ model runner
     def _forward(self, rows: list[tuple[_Request, int]]) -> torch.Tensor:
@@ -233,6 +240,9 @@ class LLMEngine:
                 if request.pending == 0:
                     sampled.append((request, row_logits))
         self._counters["num_steps"] += 1
+        for request in plan.decodes + [r for r, _ in plan.prefills]:
+            # Full blocks just computed become reusable by later requests with the same prefix.
+            self.blocks.commit(request.request_id, request.num_computed, request.token_slice)
         if sampled:
             requests = [r for r, _ in sampled]
             tokens, logprobs = sample_for([r.state for r in requests], torch.stack([l for _, l in sampled]))

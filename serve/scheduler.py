@@ -14,7 +14,8 @@ counts and the ``BlockManager`` alone; the engine then runs the model on the pla
    steps instead of stalling every running decode (chunked prefill, Sarathi). A queued request is
    admitted only when blocks for its whole prompt are free (keeping a small reserve so running
    decodes can grow) and fewer than ``max_num_seqs`` are running; otherwise it waits, and later
-   requests do not overtake it.
+   requests do not overtake it. With prefix caching, admission reuses the cached blocks of the
+   request's longest cached prefix and only the rest is prefilled.
 
 The engine advances ``num_computed`` after its forward passes and calls ``finish`` when a request
 is done; ``abort`` may come at any time.
@@ -39,10 +40,16 @@ class SchedulerRequest:
         self.request_id = request_id
         self.arrival = arrival  # admission order; preemption picks the largest
         self.num_computed = 0
+        self.num_admissions = 0  # > 1 after a preemption
+        self.num_cached_tokens = 0  # tokens found in the prefix cache at the first admission
 
     @property
     def num_tokens(self) -> int:
         raise NotImplementedError
+
+    def token_ids(self) -> list[int] | None:
+        """All tokens (prompt + output so far), for prefix caching; None opts out."""
+        return None
 
     @property
     def pending(self) -> int:
@@ -76,6 +83,8 @@ class Scheduler:
         self.waiting: list[SchedulerRequest] = []  # sorted by arrival (preempted requests go back in order)
         self.running: list[SchedulerRequest] = []  # sorted by arrival
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens looked up in the prefix cache at admission
+        self.prefix_cache_hits = 0  # of which were cached (not computed)
 
     # ------------------------------------------------------------------ queue changes
     def add(self, request: SchedulerRequest) -> None:
@@ -146,11 +155,23 @@ class Scheduler:
             # just admitted; with nothing running the reserve is waived so a request filling the whole
             # cache still gets in.
             reserve = min(len(self.running), self.watermark_blocks)
-            needed = self.blocks.blocks_needed(request.request_id, request.num_tokens)
-            if needed + reserve > self.blocks.num_free_blocks or \
-                    not self.blocks.allocate(request.request_id, request.num_tokens):
-                break  # FIFO: the head waits for blocks, later requests do not overtake it
+            token_ids = request.token_ids() if self.blocks.enable_prefix_caching else None
+            if token_ids is not None:
+                cached = self.blocks.allocate_prefix(request.request_id, token_ids, reserve)
+                if cached is None:
+                    break  # FIFO: the head waits for blocks, later requests do not overtake it
+                request.num_computed = cached
+                if request.num_admissions == 0:
+                    request.num_cached_tokens = cached
+                self.prefix_cache_queries += len(token_ids)
+                self.prefix_cache_hits += cached
+            else:
+                needed = self.blocks.blocks_needed(request.request_id, request.num_tokens)
+                if needed + reserve > self.blocks.num_free_blocks or \
+                        not self.blocks.allocate(request.request_id, request.num_tokens):
+                    break
             self.waiting.pop(0)
+            request.num_admissions += 1
             bisect.insort(self.running, request, key=lambda r: r.arrival)
             chunk = min(request.pending, budget)
             chunks.append((request, chunk))

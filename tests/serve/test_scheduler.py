@@ -171,3 +171,39 @@ def test_random_workloads_finish_and_pool_returns_to_idle(seed):
         assert steps < 5000, "no progress"
     assert all(r.num_output == r.max_tokens for r in requests)
     assert blocks.num_used_blocks == 0
+
+
+def test_prefix_cache_shares_full_blocks_and_evicts_least_recently_released():
+    blocks = BlockManager(num_blocks=6, block_size=2)
+    prompt = [1, 2, 3, 4, 5]  # blocks [1,2] [3,4] and the last token's block [5]
+    assert blocks.allocate_prefix("a", prompt) == 0
+    blocks.commit("a", 5, lambda start, count: prompt[start:start + count])
+    assert blocks.pool.num_cached == 2
+    # A sibling with the same first 4 tokens shares two read-only blocks and computes only the rest.
+    assert blocks.allocate_prefix("b", [1, 2, 3, 4, 9]) == 4
+    assert blocks.table("b")[:2] == blocks.table("a")[:2] and blocks.table("b")[2] != blocks.table("a")[2]
+    assert blocks.pool.ref_count(blocks.table("a")[0]) == 2 and blocks.num_used_blocks == 4
+    # A fully cached prompt still computes its last token: its block is never shared.
+    assert blocks.allocate_prefix("c", [1, 2, 3, 4]) == 2
+    blocks.free("a")
+    blocks.free("b")
+    blocks.free("c")
+    assert blocks.num_used_blocks == 0 and blocks.pool.num_cached == 2  # freed, but still cached
+    assert blocks.allocate_prefix("d", [1, 2, 3, 4, 7]) == 4  # revived from the LRU list
+    blocks.free("d")
+    # Needing every block evicts the cached ones (their hashes are forgotten), then nothing hits.
+    assert blocks.allocate_prefix("e", list(range(10, 22))) == 0 and blocks.pool.num_cached == 0
+    blocks.free("e")
+    assert blocks.allocate_prefix("f", [1, 2, 3, 4, 5]) == 0
+    with pytest.raises(ValueError, match="already holds"):
+        blocks.allocate_prefix("f", [1])
+
+
+def test_prefix_cache_chain_depends_on_every_earlier_token():
+    blocks = BlockManager(num_blocks=8, block_size=2)
+    first = [1, 2, 3, 4, 5]
+    blocks.allocate_prefix("a", first)
+    blocks.commit("a", 4, lambda start, count: first[start:start + count])
+    assert blocks.allocate_prefix("b", [9, 2, 3, 4, 5]) == 0  # same second block, different parent
+    assert blocks.allocate_prefix("c", [1, 2, 3, 4, 5]) == 4
+    assert BlockManager(8, 2, enable_prefix_caching=False).allocate_prefix("x", first) == 0
