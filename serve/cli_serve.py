@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--max-num-seqs", type=int, default=32, help="requests batched together at most")
     runtime.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     runtime.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by memory)")
+    runtime.add_argument("--no-prefix-caching", action="store_true",
+                         help="recompute every prompt instead of reusing the KV blocks of cached prefixes")
     runtime.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
@@ -84,7 +86,7 @@ def build_app(args: argparse.Namespace):
                                   shutdown_grace_s=args.shutdown_grace)
     model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend)
     engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
-                       max_num_seqs=args.max_num_seqs)
+                       max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
     return create_app(engine, tokenizer, config), config
 
 

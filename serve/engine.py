@@ -1,40 +1,36 @@
 """Continuous batching over a paged KV cache: ``LLMEngine`` and its asyncio bridge ``AsyncEngine``.
 
-Each ``step()`` is one scheduling iteration (the Orca/vLLM design):
+The engine is the model runner around three parts that know nothing of the model (vLLM's split):
 
-1. Decode: every running request whose tokens are all in the cache but the
-   last sampled one gets one more token.  It first needs room for one more
-   key/value; when the block pool is empty the NEWEST running request is
-   preempted -- its blocks are freed and it goes back to the queue, to be
-   recomputed later from prompt + generated tokens (recomputation beats
-   swapping for short sequences, and it never crashes).  The oldest request
-   always makes progress, so nothing starves.
-2. Prefill: requests still consuming their prompt, then new ones from the
-   FIFO queue, get chunks of at most ``max_prefill_tokens`` tokens in total,
-   so a long prompt is spread over several steps instead of stalling every
-   running decode (chunked prefill, Sarathi).  A queued request is admitted
-   only when blocks for its whole prompt are free and fewer than
-   ``max_num_seqs`` are running; otherwise it waits.
-3. Sample for every row whose tokens are all computed, apply stop rules,
-   free the blocks of finished requests.
+* ``serve/scheduler.Scheduler`` decides who runs each step: decodes first, then chunked prefills
+  under a token budget, FIFO admission, preemption of the newest request when blocks run out
+  (see its docstring for the policy);
+* ``serve/block_pool.BlockManager`` decides which KV blocks each request owns;
+* ``serve/kv_cache.PagedKVCache`` holds the key/value tensors and attends through
+  ``flash_attn_with_kvcache``.
 
-A preempted request keeps its ``SequenceState`` (output so far, text already
-streamed, its random generator), so its stream continues where it stopped.
+Each ``step()`` takes the scheduler's plan, runs one forward pass for the decodes and one for the
+prefill chunks, then samples for every row whose tokens are all computed, applies the stop rules
+(one request at a time, in ``_emit``) and releases the blocks of finished requests.
+
+A preempted request keeps its ``SequenceState`` (output so far, text already streamed, its random
+generator), so its stream continues where it stopped.
 """
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from tritium.serve.block_pool import BlockManager
 from tritium.serve.kv_cache import PagedKVCache
 from tritium.serve.sampling import SamplingParams
+from tritium.serve.scheduler import Scheduler, SchedulerRequest
 from tritium.serve.sequence import SequenceState, check_prompt, last_token_logits, sample_for
 
 
@@ -50,20 +46,28 @@ class RequestOutput:
     logprobs: list[float] | None  # aligned with token_ids when requested
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (OpenAI's cached_tokens)
     error: str | None = None  # set with finish_reason "error": why this request (alone) failed
 
 
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    state: SequenceState
-    arrival: int  # admission order; preemption picks the largest
-    num_computed: int = 0  # tokens (prompt + output) whose keys/values are in the cache
-    new_token_ids: list[int] = field(default_factory=list)  # since the last output
-    text_delta: str = ""
+class _Request(SchedulerRequest):
+    """A request as the engine sees it: the scheduler's counters plus its decoding state."""
+
+    def __init__(self, request_id: str, state: SequenceState, arrival: int) -> None:
+        super().__init__(request_id, arrival)
+        self.state = state
+        self.new_token_ids: list[int] = []  # since the last output
+        self.text_delta = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.state.prompt_ids) + len(self.state.output_ids)
 
     @property
     def tokens(self) -> list[int]:
+        return self.state.all_ids
+
+    def token_ids(self) -> list[int]:
         return self.state.all_ids
 
     def token_slice(self, start: int, count: int) -> list[int]:
@@ -74,10 +78,6 @@ class _Request:
         head = prompt[start:start + count]
         return head + output[:count - len(head)]
 
-    @property
-    def pending(self) -> int:
-        return len(self.state.prompt_ids) + len(self.state.output_ids) - self.num_computed
-
     def output(self) -> RequestOutput:
         state = self.state
         out = RequestOutput(
@@ -85,7 +85,8 @@ class _Request:
             token_ids=list(state.output_ids), text=state.text, finished=state.finished,
             finish_reason=state.finish_reason,
             logprobs=list(state.logprobs) if state.logprobs is not None else None,
-            prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids), error=state.error)
+            prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids),
+            cached_tokens=self.num_cached_tokens, error=state.error)
         self.new_token_ids, self.text_delta = [], ""
         return out
 
@@ -107,11 +108,26 @@ def default_num_blocks(model: torch.nn.Module, block_size: int, max_num_seqs: in
     return max(1, min(wanted, budget // per_block))
 
 
+def _padding_groups(chunks: list[tuple[_Request, int]]) -> list[list[tuple[_Request, int]]]:
+    """Split prefill chunks into forward passes whose rows are at least half the longest one's length.
+
+    Rows of one pass are right-padded to its longest chunk; a 16-token prompt beside a 128-token one
+    would compute 112 pad positions. Grouping by length bounds the padding at half of each pass, for
+    one extra (cheap, compared with a prefill) forward per halving of the chunk length.
+    """
+    groups: list[list[tuple[_Request, int]]] = []
+    for request, chunk in sorted(chunks, key=lambda rc: -rc[1]):
+        if not groups or 2 * chunk < groups[-1][0][1]:
+            groups.append([])
+        groups[-1].append((request, chunk))
+    return groups
+
+
 class LLMEngine:
     """Continuous-batching engine over one model; single-threaded (``AsyncEngine`` adds the thread)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_num_seqs: int = 32, max_prefill_tokens: int = 512) -> None:
+                 max_num_seqs: int = 32, max_prefill_tokens: int = 512, enable_prefix_caching: bool = True) -> None:
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -125,15 +141,14 @@ class LLMEngine:
         self.max_prefill_tokens = max_prefill_tokens
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, max_num_seqs)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens)
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
-        self._watermark = max(1, num_blocks // 100)
         self._arrivals = itertools.count()
-        self._waiting: list[_Request] = []  # sorted by arrival (preempted requests go back in order)
-        self._running: list[_Request] = []  # sorted by arrival
         self._requests: dict[str, _Request] = {}
         self._aborted: list[_Request] = []  # finished by abort_request, reported by the next step()
-        self._counters = {"num_preemptions": 0, "num_finished": 0, "tokens_generated": 0, "prompt_tokens_processed": 0,
-                              "num_steps": 0, "num_request_errors": 0, "num_step_errors": 0}
+        self._counters = {"num_finished": 0, "tokens_generated": 0, "prompt_tokens_processed": 0, "num_steps": 0,
+                          "num_request_errors": 0, "num_step_errors": 0}
         # Batched-forward failures in a row (reset by a good step); AsyncEngine gives up past a limit.
         self.consecutive_step_errors = 0
         self.last_step_error: str | None = None
@@ -142,7 +157,7 @@ class LLMEngine:
     def validate_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ValueError if the request can never run (pure; safe from any thread)."""
         check_prompt(list(prompt_ids), params, self.max_model_len, self.config.vocab_size)
-        capacity = self.cache.num_blocks * self.cache.block_size
+        capacity = self.blocks.num_blocks * self.blocks.block_size
         if len(prompt_ids) + params.max_tokens > capacity:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"whole KV cache ({capacity} tokens); lower max_tokens or raise num_blocks")
@@ -158,112 +173,64 @@ class LLMEngine:
         request = _Request(request_id, SequenceState(prompt_ids, params, self.tokenizer, self.device),
                            next(self._arrivals))
         self._requests[request_id] = request
-        self._waiting.append(request)
+        self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> bool:
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
-        if request in self._waiting:
-            self._waiting.remove(request)
-        if request in self._running:
-            self._running.remove(request)
-        self.cache.free(request_id)
+        self.scheduler.abort(request)
         request.text_delta += request.state.abort()
         self._aborted.append(request)
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self._running or self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     def stats(self) -> dict:
-        return dict(num_waiting=len(self._waiting), num_running=len(self._running),
-                    num_prefilling=sum(1 for r in self._running if r.pending > 1),
-                    kv_blocks_used=self.cache.num_used_blocks, kv_blocks_total=self.cache.num_blocks,
-                    kv_block_size=self.cache.block_size, max_num_seqs=self.max_num_seqs, **self._counters)
+        scheduler = self.scheduler
+        return dict(num_waiting=len(scheduler.waiting), num_running=len(scheduler.running),
+                    num_prefilling=scheduler.num_prefilling,
+                    kv_blocks_used=self.blocks.num_used_blocks, kv_blocks_total=self.blocks.num_blocks,
+                    kv_block_size=self.blocks.block_size, max_num_seqs=self.max_num_seqs,
+                    num_preemptions=scheduler.num_preemptions,
+                    prefix_cache_queries=scheduler.prefix_cache_queries,
+                    prefix_cache_hits=scheduler.prefix_cache_hits, **self._counters)
 
-    # ------------------------------------------------------------------ scheduling
-    def _preempt(self, request: _Request) -> None:
-        self._running.remove(request)
-        self.cache.free(request.request_id)
-        request.num_computed = 0  # recompute prompt + output when readmitted
-        bisect.insort(self._waiting, request, key=lambda r: r.arrival)
-        self._counters["num_preemptions"] += 1
-
-    def _schedule_decodes(self) -> list[_Request]:
-        decodes = []
-        for request in list(self._running):
-            if request not in self._running or request.pending != 1:
-                continue
-            while not self.cache.allocate(request.request_id, request.num_computed + 1):
-                victim = self._running[-1]  # newest
-                self._preempt(victim)
-                if victim is request:
-                    break
-            else:
-                decodes.append(request)
-        return [r for r in decodes if r in self._running]
-
-    def _schedule_prefills(self) -> list[tuple[_Request, int]]:
-        budget = self.max_prefill_tokens
-        chunks = []
-        for request in self._running:  # continue prompts already admitted (blocks already held)
-            if budget == 0:
-                break
-            if request.pending > 1:
-                chunk = min(request.pending, budget)
-                chunks.append((request, chunk))
-                budget -= chunk
-        while budget > 0 and self._waiting and len(self._running) < self.max_num_seqs:
-            request = self._waiting[0]
-            # A small reserve of free blocks lets running decodes grow without preempting the request
-            # just admitted; with nothing running the reserve is waived so a request filling the whole
-            # cache still gets in.
-            reserve = min(len(self._running), self._watermark)
-            needed = self.cache.blocks_needed(request.request_id, len(request.tokens))
-            if needed + reserve > self.cache.num_free_blocks or \
-                    not self.cache.allocate(request.request_id, len(request.tokens)):
-                break  # FIFO: the head waits for blocks, later requests do not overtake it
-            self._waiting.pop(0)
-            self._running.append(request)
-            self._running.sort(key=lambda r: r.arrival)
-            chunk = min(request.pending, budget)
-            chunks.append((request, chunk))
-            budget -= chunk
-        return chunks
-
-    # ------------------------------------------------------------------ forward passes
+    # ------------------------------------------------------------------ model runner
     def _forward(self, rows: list[tuple[_Request, int]]) -> torch.Tensor:
         """Feed ``chunk`` new tokens of each request (right-padded); logits (B, V) at each chunk's end."""
-        B, T = len(rows), max(chunk for _, chunk in rows)
-        input_ids = torch.zeros(B, T, dtype=torch.long)
-        position_ids = torch.zeros(B, T, dtype=torch.long)
-        for row, (request, chunk) in enumerate(rows):
+        T = max(chunk for _, chunk in rows)
+        ids, positions, seqlens, last = [], [], [], []
+        limit = self.max_model_len - 1
+        for request, chunk in rows:
             start = request.num_computed
-            input_ids[row, :chunk] = torch.tensor(request.token_slice(start, chunk))
+            ids.append(request.token_slice(start, chunk) + [0] * (T - chunk))
             # Pad positions continue the row's positions (any valid position works: their outputs are unused).
-            position_ids[row] = torch.arange(start, start + T).clamp(max=self.max_model_len - 1)
-        self.cache.prepare([r.request_id for r, _ in rows], [r.num_computed for r, _ in rows], T)
-        last = torch.tensor([chunk - 1 for _, chunk in rows], device=self.device)
-        return last_token_logits(self.model, input_ids.to(self.device), position_ids.to(self.device), self.cache,
-                                 last_index=last)
+            positions.append([min(p, limit) for p in range(start, start + T)])
+            seqlens.append(start)
+            last.append(chunk - 1)
+        self.cache.prepare([self.blocks.table(r.request_id) for r, _ in rows], seqlens, T)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+        position_ids = torch.tensor(positions, dtype=torch.long).to(self.device)
+        last_index = torch.tensor(last, dtype=torch.long).to(self.device)
+        return last_token_logits(self.model, input_ids, position_ids, self.cache, last_index=last_index)
 
-    def _finish(self, request: _Request) -> None:
-        self._running.remove(request)
-        self._requests.pop(request.request_id, None)
-        self.cache.free(request.request_id)
-        self._counters["num_finished"] += 1
+    def _emit(self, request: _Request, token: int, logprob: float | None) -> None:
+        """Record one sampled token for one request: stop rules, detokenized text, finishing."""
+        request.text_delta += request.state.append(token, logprob)
+        request.new_token_ids.append(token)
+        self._counters["tokens_generated"] += 1
+        if request.state.finished:
+            self.scheduler.finish(request)
+            self._requests.pop(request.request_id, None)
+            self._counters["num_finished"] += 1
 
     def _fail(self, request: _Request, error: BaseException | str) -> RequestOutput:
         """Finish one request with finish_reason "error"; the others keep running."""
         request.state.fail(error)
-        if request in self._running:
-            self._finish(request)
-        else:
-            self._requests.pop(request.request_id, None)
-            if request in self._waiting:
-                self._waiting.remove(request)
-            self.cache.free(request.request_id)
+        self.scheduler.abort(request)
+        self._requests.pop(request.request_id, None)
         self._counters["num_request_errors"] += 1
         return request.output()
 
@@ -287,18 +254,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = [r.output() for r in self._aborted]
         self._aborted.clear()
-        decodes = self._schedule_decodes()
-        prefills = self._schedule_prefills()
+        plan = self.scheduler.schedule()
         sampled: list[tuple[_Request, torch.Tensor]] = []
         try:
-            if decodes:
-                logits = self._forward([(r, 1) for r in decodes])
-                for request in decodes:
+            if plan.decodes:
+                logits = self._forward([(r, 1) for r in plan.decodes])
+                for request in plan.decodes:
                     request.num_computed += 1
-                sampled.extend(zip(decodes, logits))
-            if prefills:
-                logits = self._forward(prefills)
-                for (request, chunk), row_logits in zip(prefills, logits):
+                sampled.extend(zip(plan.decodes, logits))
+            for group in _padding_groups(plan.prefills):
+                logits = self._forward(group)
+                for (request, chunk), row_logits in zip(group, logits):
                     request.num_computed += chunk
                     self._counters["prompt_tokens_processed"] += chunk
                     if request.pending == 0:
@@ -309,26 +275,24 @@ class LLMEngine:
             self.last_step_error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            for request in dict.fromkeys(decodes + [r for r, _ in prefills]):
+            for request in dict.fromkeys(plan.decodes + [r for r, _ in plan.prefills]):
                 outputs.append(self._fail(request, f"the batched forward pass failed: {self.last_step_error}"))
             return outputs
         self.consecutive_step_errors = 0
         self._counters["num_steps"] += 1
+        for request in plan.decodes + [r for r, _ in plan.prefills]:
+            # Full blocks just computed become reusable by later requests with the same prefix.
+            self.blocks.commit(request.request_id, request.num_computed, request.token_slice)
         if sampled:
             for (request, _), result in zip(sampled, self._sample_rows(sampled)):
                 if isinstance(result, Exception):
                     outputs.append(self._fail(request, result))
                     continue
-                token, logprob = result
                 try:  # detokenizing and stop checks of this request alone
-                    request.text_delta += request.state.append(token, logprob)
+                    self._emit(request, *result)
                 except Exception as exc:  # noqa: BLE001 - this request alone fails
                     outputs.append(self._fail(request, exc))
                     continue
-                request.new_token_ids.append(token)
-                self._counters["tokens_generated"] += 1
-                if request.state.finished:
-                    self._finish(request)
                 outputs.append(request.output())
         return outputs
 
@@ -394,13 +358,13 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def stats(self) -> dict:
+        return {**self._stats, "running": self.is_running}
+
     @property
     def error(self) -> str | None:
         """Why the engine thread stopped for good (None while healthy)."""
         return None if self._error is None else f"{type(self._error).__name__}: {self._error}"
-
-    def stats(self) -> dict:
-        return {**self._stats, "running": self.is_running}
 
     # ------------------------------------------------------------------ requests
     async def generate(self, request_id: str, prompt_ids: Sequence[int],

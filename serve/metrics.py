@@ -34,6 +34,9 @@ METRIC_NAMES = {  # name -> help; the README lists these
     "running_requests": "requests in the engine's running batch",
     "kv_blocks_used": "KV-cache blocks in use",
     "kv_blocks_total": "KV-cache blocks available in all",
+    "prefix_cache_queries": "prompt tokens looked up in the prefix cache (cumulative)",
+    "prefix_cache_hits": "prompt tokens found in the prefix cache, not recomputed (cumulative)",
+    "prefix_cache_hit_rate": "prefix_cache_hits / prefix_cache_queries",
 }
 
 
@@ -66,9 +69,14 @@ class ServeMetrics:
                                       registry=reg)
         self.in_flight = Gauge(name("requests_in_flight"), METRIC_NAMES["requests_in_flight"], registry=reg)
         for key, stat in (("queue_depth", "num_waiting"), ("running_requests", "num_running"),
-                          ("kv_blocks_used", "kv_blocks_used"), ("kv_blocks_total", "kv_blocks_total")):
+                          ("kv_blocks_used", "kv_blocks_used"), ("kv_blocks_total", "kv_blocks_total"),
+                          ("prefix_cache_queries", "prefix_cache_queries"),
+                          ("prefix_cache_hits", "prefix_cache_hits")):
             gauge = Gauge(name(key), METRIC_NAMES[key], registry=reg)
             gauge.set_function(_stat_reader(stats, stat))
+        queries, hits = _stat_reader(stats, "prefix_cache_queries"), _stat_reader(stats, "prefix_cache_hits")
+        Gauge(name("prefix_cache_hit_rate"), METRIC_NAMES["prefix_cache_hit_rate"], registry=reg).set_function(
+            lambda: hits() / queries() if queries() > 0 else 0.0)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

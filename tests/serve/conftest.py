@@ -46,3 +46,33 @@ def serve_prompts():
 
 
 PROMPTS = ["def main():\n    return 0", "import os", "x", "class Foo(Bar):\n    '''Docs: \u00e9t\u00e9 \u4e16\u754c'''\n"]
+
+
+class _LaunchCounter:
+    """Stands in for a ``@triton.jit`` kernel: counts ``kernel[grid](...)`` launches, then launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def decode_launches(monkeypatch):
+    """Counts launches of the split-K decode kernel (the one every KV-cache attention call runs), so a
+    test proves the Triton path ran instead of a silent fallback to the PyTorch reference."""
+    from tritium.kernels import decode
+
+    counter = _LaunchCounter(decode._decode_split_kernel)
+    monkeypatch.setattr(decode, "_decode_split_kernel", counter)
+    return counter
+
+
+@pytest.fixture(scope="session")
+def triton_serve_model(serve_model):
+    """``serve_model``'s weights on the Triton backend (kernels run in the interpreter on CPU)."""
+    model = Transformer(serve_model.config, backend="triton")
+    model.load_state_dict(serve_model.state_dict())
+    return model.eval()

@@ -102,7 +102,7 @@ def test_abort_frees_blocks(serve_model, tiny_tokenizer, requests, expected):
     engine.step()
     engine.step()
     used = engine.stats()["kv_blocks_used"]
-    own = len(engine.cache.table("r1"))
+    own = len(engine.blocks.table("r1"))
     assert own > 0 and engine.abort_request("r1") and not engine.abort_request("r1")
     assert engine.stats()["kv_blocks_used"] == used - own
     outs = engine.step()
@@ -188,3 +188,52 @@ def test_engine_on_cuda_matches_generator(tiny_tokenizer, serve_prompts):
     final = engine.run_to_completion()
     assert [final[f"r{i}"].token_ids for i in range(4)] == [r.token_ids for r in reference]
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_engine_runs_the_triton_decode_kernel(triton_serve_model, tiny_tokenizer, requests, expected,
+                                              decode_launches):
+    """backend="triton" on CPU: the paged cache attends through the Triton decode kernel (interpreter),
+    under chunked prefill and decodes, and greedy tokens still equal the no-cache torch model's."""
+    engine = LLMEngine(triton_serve_model, tiny_tokenizer, block_size=4, num_blocks=32, max_num_seqs=3,
+                       max_prefill_tokens=8)
+    for rid, ids, params in requests[:3]:
+        engine.add_request(rid, ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    final = engine.run_to_completion()
+    for rid, _, _ in requests[:3]:
+        assert final[rid].token_ids == expected[rid][:4], rid
+    assert decode_launches.launches >= engine.stats()["num_steps"] * triton_serve_model.config.num_layers
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+@pytest.fixture(scope="module")
+def shared_prefix_requests(tiny_tokenizer, serve_prompts):
+    """Five requests behind one long shared 'system prompt' (two of them identical), distinct tails."""
+    system = tiny_tokenizer.encode("You are a careful assistant. Answer in Python.\n" * 2, bos=True)[:41]
+    tails = [tiny_tokenizer.encode(p) for p in serve_prompts] + [tiny_tokenizer.encode(serve_prompts[0])]
+    return [(f"p{i}", system + tail[:6], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+            for i, tail in enumerate(tails)]
+
+
+@pytest.mark.parametrize("num_blocks", [64, 15], ids=["roomy", "preempting"])
+def test_prefix_caching_keeps_greedy_outputs(serve_model, tiny_tokenizer, greedy_reference,
+                                             shared_prefix_requests, num_blocks):
+    """Cached blocks are reused across requests (chunked prefill, concurrent sharing, preemption), the
+    outputs equal the no-cache model's, usage reports cached tokens, and the pool returns to idle."""
+    expected = {rid: greedy_reference(ids, p.max_tokens) for rid, ids, p in shared_prefix_requests}
+    results = {}
+    for caching in (True, False):
+        engine = LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=num_blocks, max_num_seqs=5,
+                           max_prefill_tokens=7, enable_prefix_caching=caching)
+        final, _ = _run(engine, shared_prefix_requests)
+        for rid, _, _ in shared_prefix_requests:
+            assert final[rid].token_ids == expected[rid], (caching, rid)
+        stats = engine.stats()
+        assert stats["kv_blocks_used"] == 0
+        results[caching] = (final, stats)
+    final, stats = results[True]
+    assert stats["prefix_cache_hits"] >= 4 * 40  # the 41-token system prompt: 10 full blocks of 4, for 4 of 5
+    assert stats["prompt_tokens_processed"] < results[False][1]["prompt_tokens_processed"]
+    assert final["p0"].cached_tokens == 0 and final["p4"].cached_tokens >= 40
+    assert results[False][1]["prefix_cache_hits"] == 0
+    if num_blocks == 15:
+        assert stats["num_preemptions"] > 0
