@@ -118,6 +118,7 @@ class _Event:
     finish_reason: str | None = None  # set on the choice's last event
     completion_tokens: int = 0  # tokens generated so far for this choice
     error: ServeError | None = None  # the choice failed (e.g. JSON schema after retries)
+    cached_tokens: int = 0  # prompt tokens this choice found in the prefix cache
 
 
 @dataclass(eq=False)  # identity semantics: jobs live in a set
@@ -134,6 +135,7 @@ class _Job:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     tasks: list[asyncio.Task] = field(default_factory=list)
     completion_tokens: dict[int, int] = field(default_factory=dict)
+    cached_tokens: dict[int, int] = field(default_factory=dict)  # per choice: prompt tokens from the prefix cache
     done: bool = False  # the stream reached data: [DONE]
     ended: set[int] = field(default_factory=set)  # choices whose last event (finish or error) is queued
     started: set[int] = field(default_factory=set)  # choices the engine accepted (an output arrived)
@@ -153,6 +155,17 @@ class _Job:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """OpenAI's ``prompt_tokens_details.cached_tokens``: per prompt (counted once, like
+        ``prompt_tokens``), the most prompt tokens any of its ``n`` choices found in the prefix cache."""
+        n = self.req.n
+        return sum(max((self.cached_tokens.get(p * n + k, 0) for k in range(n)), default=0)
+                   for p in range(len(self.prompts)))
+
+    def usage(self) -> dict[str, Any]:
+        return usage(self.prompt_tokens, sum(self.completion_tokens.values()), self.cached_prompt_tokens)
 
     @property
     def num_choices(self) -> int:
@@ -497,7 +510,8 @@ class _Server:
                         finish = screen.finish_reason
                 finished = out.finished or finish is not None
                 entries = self._logprob_entries(out, new, params) if params.logprobs else None
-                yield _Event(index, text, entries, finish, out.completion_tokens)
+                yield _Event(index, text, entries, finish, out.completion_tokens,
+                             cached_tokens=getattr(out, "cached_tokens", 0))
                 if finished:
                     break
         finally:
@@ -522,15 +536,15 @@ class _Server:
         for attempt in range(attempts):
             if attempt and params.seed is not None:
                 params = dataclasses.replace(params, seed=offset_seed(params.seed, 1000 * attempt))
-            text, entries, finish, tokens = "", [], None, 0
+            text, entries, finish, tokens, cached = "", [], None, 0, 0
             async with contextlib.aclosing(self._generate(job, index, ids, params, attempt)) as events:
                 async for event in events:
                     text += event.text
                     entries += event.logprobs or []
-                    finish, tokens = event.finish_reason, event.completion_tokens
+                    finish, tokens, cached = event.finish_reason, event.completion_tokens, event.cached_tokens
             reason = self.policy.validate_json(text)
             if reason is None:
-                return _Event(index, text, entries if params.logprobs else None, finish, tokens)
+                return _Event(index, text, entries if params.logprobs else None, finish, tokens, cached_tokens=cached)
             self.metrics.policy_violations.labels("output_json_schema").inc()
         raise ServeError(422, f"the model's answer failed the server's JSON schema after {attempts} attempt(s): "
                          f"{reason}", kind="policy", code="output_json_schema")
@@ -562,6 +576,7 @@ class _Server:
                 remaining -= 1
             if event.error is None:
                 job.completion_tokens[event.index] = event.completion_tokens
+                job.cached_tokens[event.index] = max(job.cached_tokens.get(event.index, 0), event.cached_tokens)
             if event.finish_reason:
                 self.metrics.finish_reasons.labels(event.finish_reason).inc()
             yield event
@@ -582,7 +597,7 @@ class _Server:
                 if event.finish_reason:
                     choice["finish_reason"] = event.finish_reason
             return full_response(job.req, job.rid, self.config.model_name, [choices[i] for i in sorted(choices)],
-                                 job.prompt_tokens, sum(job.completion_tokens.values()), job.extra)
+                                 job.usage(), job.extra)
 
         collector = asyncio.create_task(collect())
         watcher = asyncio.create_task(_wait_disconnect(request))
@@ -618,11 +633,11 @@ class _Server:
                 chunk = writer.delta(event.index, "", None, event.finish_reason)
                 if finished == job.num_choices and not job.req.include_usage:
                     # Usage on the last chunk even without include_usage: clients that read it get counts.
-                    chunk["usage"] = usage(job.prompt_tokens, sum(job.completion_tokens.values()))
+                    chunk["usage"] = job.usage()
                     chunk.update(job.extra)
                 yield sse(chunk)
         if job.req.include_usage:
-            yield sse(writer.usage_chunk(job.prompt_tokens, sum(job.completion_tokens.values()), **job.extra))
+            yield sse(writer.usage_chunk(job.usage(), **job.extra))
         job.done = True
         yield SSE_DONE
 

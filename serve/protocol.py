@@ -352,9 +352,12 @@ def new_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens`` (prompt tokens served from the prefix cache) goes in
+    ``prompt_tokens_details`` as OpenAI reports it."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -377,7 +380,7 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, before: bytes = b"
 
 
 def full_response(req: ParsedRequest, rid: str, model: str, choices: list[dict[str, Any]],
-                  prompt_tokens: int, completion_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
+                  usage_: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """The non-streamed body; each choice dict has index, text, finish_reason, logprobs (entries or None)."""
     out_choices = []
     for c in choices:
@@ -388,7 +391,7 @@ def full_response(req: ParsedRequest, rid: str, model: str, choices: list[dict[s
             out_choices.append({"index": c["index"], "text": c["text"],
                                 "logprobs": completion_logprobs(c["logprobs"]), "finish_reason": c["finish_reason"]})
     return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": out_choices, "usage": usage(prompt_tokens, completion_tokens),
+            "model": model, "choices": out_choices, "usage": usage_,
             "system_fingerprint": None, **extra}
 
 
@@ -429,9 +432,9 @@ class ChunkWriter:
                       "finish_reason": finish_reason}
         return self._chunk([choice], **extra)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, **extra: Any) -> dict[str, Any]:
+    def usage_chunk(self, usage_: dict[str, Any], **extra: Any) -> dict[str, Any]:
         chunk = self._chunk([], **extra)
-        chunk["usage"] = usage(prompt_tokens, completion_tokens)
+        chunk["usage"] = usage_
         return chunk
 
 

@@ -67,8 +67,31 @@ def test_completion_matches_engine_and_counts_usage(client):
     choice = body["choices"][0]
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert choice["text"] == ref.text and choice["finish_reason"] == ref.finish_reason
+    cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": ref.completion_tokens,
-                             "total_tokens": len(ids) + ref.completion_tokens}
+                             "total_tokens": len(ids) + ref.completion_tokens,
+                             "prompt_tokens_details": {"cached_tokens": cached}}
+    assert cached % 16 == 0 and 0 <= cached < len(ids)  # whole 16-token blocks, never the last prompt token
+
+
+def test_usage_reports_prefix_cache_hits_as_cached_tokens(client):
+    """A repeated long prompt is served from the prefix cache: OpenAI's prompt_tokens_details.cached_tokens
+    counts those tokens, streamed or not, and the answer is the same as without the cache."""
+    tok = tiny_tokenizer()
+    prompt = "The system prompt every request repeats, long enough for several KV blocks. " * 2 + "Go"
+    ids = tok.encode(prompt, bos=True)
+    assert len(ids) > 48
+    body = {"model": "tritium", "prompt": prompt, "max_tokens": 6, "seed": SEED}
+    first = client.post("/v1/completions", json=body).json()
+    second = client.post("/v1/completions", json=body).json()
+    assert "usage" in second, second
+    full_blocks = (len(ids) - 1) // 16 * 16  # the last prompt token is always computed (its logits are needed)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == full_blocks
+    assert second["choices"][0]["text"] == first["choices"][0]["text"] == reference_sample(ids, 6).text
+    streamed = client.post("/v1/completions", json={**body, "stream": True,
+                                                   "stream_options": {"include_usage": True}})
+    usage = json.loads(sse_events(streamed.text)[-1])["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == full_blocks and usage["prompt_tokens"] == len(ids)
 
 
 def test_chat_stream_sse_framing_and_usage(client):
