@@ -37,7 +37,7 @@ def _model(preset: str, backend: str, device: str, dtype: torch.dtype, max_seq_l
 
 def _decode_factory(kind: str):
     def factory(size, mode, device, dtype):
-        from tritium.serve.generator import _DecodeGraph
+        from tritium.serve.generator import DecodeGraph
         from tritium.serve.kv_cache import ContiguousKVCache
         from tritium.serve.sequence import last_token_logits
 
@@ -52,7 +52,7 @@ def _decode_factory(kind: str):
         positions = torch.full((B, 1), L, dtype=torch.long, device=device)
         if kind == "tritium":
             with torch.inference_mode():
-                graph = _DecodeGraph(model, cache)
+                graph = DecodeGraph(model, cache)
             return lambda: graph(ids, positions)
 
         def eager():

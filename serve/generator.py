@@ -48,7 +48,7 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return param.device, param.dtype
 
 
-class _DecodeGraph:
+class DecodeGraph:
     """A CUDA graph of one decode step for a fixed batch and cache: static ids/positions in, logits out."""
 
     def __init__(self, model: torch.nn.Module, cache: ContiguousKVCache) -> None:
@@ -89,7 +89,7 @@ class Generator:
         # CUDA graphs only exist on CUDA: the fast path is guarded to it whatever was asked.
         self.use_cuda_graph = bool(compile) and self.device.type == "cuda"
         self._cache: ContiguousKVCache | None = None
-        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.graph_failures = 0
         self.last_completion: Completion | None = None  # set when a stream() finishes
 
@@ -111,7 +111,7 @@ class Generator:
             graph = self._graphs.get(key)
             if graph is None:
                 try:
-                    graph = self._graphs[key] = _DecodeGraph(self.model, cache)
+                    graph = self._graphs[key] = DecodeGraph(self.model, cache)
                 except Exception:  # noqa: BLE001 - capture is an optimisation; eager is always correct
                     self.graph_failures += 1
                     self.use_cuda_graph = False
