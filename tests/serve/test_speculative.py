@@ -281,3 +281,23 @@ def test_sampled_generation_follows_target_distribution(serve_model, tiny_tokeni
     ca = torch.cat([ca[~rare], ca[rare].sum().view(1)])
     cb = torch.cat([cb[~rare], cb[rare].sum().view(1)])
     assert _chi_square_p(ca, cb) > 1e-3
+
+
+def test_cli_generate_speculative_flags(serve_model, tiny_tokenizer, plain, tmp_path, capsys):
+    from tritium.cli import main
+
+    serve_model.save_pretrained(tmp_path)
+    tiny_tokenizer.save(tmp_path)
+    prompt = "abc abc abc abc"
+    expected = plain.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0].text
+    base = ["generate", "--checkpoint", str(tmp_path), prompt, "--greedy", "--max-tokens", "12", "--ignore-eos",
+            "--stats"]
+    for extra in (["--speculative", "ngram", "--num-speculative-tokens", "3"],
+                  ["--speculative", "draft", "--draft-checkpoint", str(tmp_path)]):
+        assert main(base + extra) == 0
+        captured = capsys.readouterr()
+        assert captured.out == expected + "\n"
+        assert "speculative: proposed" in captured.err and "acceptance rate" in captured.err
+    assert "acceptance rate 100.0%" in captured.err  # the target as its own draft
+    assert main(base + ["--speculative", "draft"]) == 2
+    assert "--draft-checkpoint" in capsys.readouterr().err
