@@ -127,7 +127,13 @@ class NgramProposer:
             # Latest match first: recent text is the likeliest to be copied next.
             for start in range(n_ids - n - 1, -1, -1):
                 if ids[start] == tail[0] and list(ids[start:start + n]) == tail:
-                    return list(ids[start + n:start + n + k])
+                    # Copy forward LZ77-style: a match close to the end continues into the proposal
+                    # itself, so a repeating pattern gets k tokens, not just its period.
+                    source = list(ids[start + n:])
+                    gap = len(source)
+                    for i in range(gap, k):
+                        source.append(source[i - gap])
+                    return source[:k]
         return []
 
     def propose(self, states: Sequence[SequenceState], budgets: Sequence[int]
@@ -397,3 +403,66 @@ class SpeculativeDecoder:
                 advance.append(1 + accepted)
             cache.advance(torch.tensor(advance, dtype=torch.int32))
             yield deltas
+
+    # ------------------------------------------------------------------ inside LLMEngine (paged cache)
+    def check_engine(self) -> None:
+        if not isinstance(self.proposer, NgramProposer):
+            raise ValueError("LLMEngine supports speculative decoding with the n-gram proposer only; "
+                             "use Generator for a draft model")
+
+    def engine_split(self, engine, decodes: list) -> tuple[list, list[tuple[object, list[int]]]]:
+        """Split the scheduler's decodes into plain ones and (request, proposal) pairs whose extra
+        blocks could be reserved (no request is preempted to make room for a guess)."""
+        plain, spec = [], []
+        limit = engine.max_model_len
+        for request in decodes:
+            state = request.state
+            backoff = getattr(request, "spec_backoff", None)
+            if backoff is None and self.backoff:
+                backoff = request.spec_backoff = Backoff(self.num_speculative_tokens)
+            k = backoff.budget() if backoff is not None else self.num_speculative_tokens
+            k = min(k, state.params.max_tokens - len(state.output_ids) - 1, limit - request.num_tokens)
+            proposal = self.proposer.propose_ids(state.all_ids, k) if k > 0 else []
+            if proposal and engine.blocks.allocate(request.request_id, request.num_computed + 1 + len(proposal)):
+                spec.append((request, proposal))
+            else:
+                plain.append(request)
+        return plain, spec
+
+    def engine_step(self, engine, rows: list[tuple[object, list[int]]]) -> list:
+        """One verify pass over the paged cache for ``rows``; emits tokens, rolls back rejected ones
+        (their blocks go back to the pool) and returns the requests' outputs."""
+        model, cache, device = engine.model, engine.cache, engine.device
+        T = 1 + max(len(p) for _, p in rows)
+        limit = engine.max_model_len - 1
+        ids, positions, seqlens = [], [], []
+        for request, proposal in rows:
+            start = request.num_computed
+            ids.append([request.state.output_ids[-1]] + proposal + [0] * (T - 1 - len(proposal)))
+            positions.append([min(p, limit) for p in range(start, start + T)])
+            seqlens.append(start)
+        cache.prepare([engine.blocks.table(r.request_id) for r, _ in rows], seqlens, T)
+        hidden = model.forward_hidden(torch.tensor(ids, dtype=torch.long).to(device),
+                                      position_ids=torch.tensor(positions, dtype=torch.long).to(device),
+                                      kv_cache=cache)
+        all_logits = (hidden @ model.lm_head_weight.t()).float()  # (B, T, V)
+        outputs = []
+        for (request, proposal), logits in zip(rows, all_logits):
+            state = request.state
+            emitted, accepted = verify_row(logits, proposal, state)
+            self.stats.proposed += len(proposal)
+            self.stats.accepted += accepted
+            self.stats.steps += 1
+            backoff = getattr(request, "spec_backoff", None)
+            if backoff is not None:
+                backoff.update(len(proposal), accepted)
+            raw = logits.log_softmax(dim=-1) if state.params.logprobs else None
+            request.num_computed += 1 + accepted  # the fed token and the accepted proposals
+            for j, token in enumerate(emitted):
+                engine._emit(request, token, float(raw[j, token]) if raw is not None else None)
+                if state.finished:  # _emit released all its blocks
+                    break
+            if not state.finished:
+                engine.blocks.shrink(request.request_id, request.num_computed)
+            outputs.append(request.output())
+        return outputs

@@ -59,6 +59,7 @@ def test_ngram_proposer_takes_latest_longest_match():
     assert prop.propose_ids(ids, 2) == [7, 8]  # latest occurrence of (1, 2, 3)
     assert prop.propose_ids([4, 6, 4, 9, 9, 6], 3) == [4, 9, 9]  # falls back to a 1-gram
     assert prop.propose_ids([1, 2, 3], 4) == []  # nothing repeats
+    assert prop.propose_ids([7, 1, 2, 1, 2], 5) == [1, 2, 1, 2, 1]  # a match near the end copies on into itself
     assert prop.propose_ids(ids, 0) == []
     with pytest.raises(ValueError, match="min_ngram"):
         NgramProposer(min_ngram=0)
@@ -301,3 +302,79 @@ def test_cli_generate_speculative_flags(serve_model, tiny_tokenizer, plain, tmp_
     assert "acceptance rate 100.0%" in captured.err  # the target as its own draft
     assert main(base + ["--speculative", "draft"]) == 2
     assert "--draft-checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the engine (paged cache)
+
+class _OracleNgram(NgramProposer):
+    """An n-gram proposer that knows each prompt's greedy continuation (right) or shifts it (wrong)."""
+
+    def __init__(self, continuations, shift=0, vocab=1):
+        super().__init__()
+        self.continuations, self.shift, self.vocab = continuations, shift, vocab
+
+    def propose_ids(self, ids, k):
+        for prompt, cont in self.continuations.items():
+            if tuple(ids[:len(prompt)]) == prompt and len(ids) >= len(prompt):
+                n = len(ids) - len(prompt)
+                return [(t + self.shift) % self.vocab for t in cont[n:n + k]]
+        return []
+
+
+def _engine_run(engine, requests):
+    final = {}
+    pending = list(requests)
+    while pending or engine.has_unfinished():
+        if pending:
+            engine.add_request(*pending.pop(0))
+        for out in engine.step():
+            assert out.completion_tokens == len(out.token_ids)
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+@pytest.mark.parametrize("blocks,shift", [(64, 0), (64, 5), (14, 0)])
+def test_engine_speculative_greedy_identical(serve_model, tiny_tokenizer, serve_prompts, greedy_reference,
+                                             blocks, shift):
+    """Speculative and plain requests share the batch under chunked prefill (and preemption with 14
+    blocks); greedy outputs equal the no-cache reference, rejected blocks go back, the pool ends idle."""
+    from tritium.serve.engine import LLMEngine
+
+    prompts = [_ids(tiny_tokenizer, p) for p in serve_prompts + ["abc abc abc abc abc"]]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (14, 6, 12, 9, 16)]
+    expected = [greedy_reference(p, sp.max_tokens) for p, sp in zip(prompts, params)]
+    # The oracle knows three of the five prompts; the others run plainly (or get the real n-gram's guesses).
+    oracle = _OracleNgram({tuple(p): e for p, e in list(zip(prompts, expected))[:3]}, shift,
+                          serve_model.config.vocab_size)
+    spec = SpeculativeDecoder(oracle, 3, backoff=False)
+    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=blocks, max_num_seqs=5,
+                       max_prefill_tokens=7, speculative=spec)
+    requests = [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    final = _engine_run(engine, requests)
+    for i, want in enumerate(expected):
+        assert final[f"r{i}"].token_ids == want, i
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["num_finished"] == len(requests)
+    assert stats["spec_proposed"] > 0
+    if shift:
+        assert stats["spec_accepted"] == 0
+    else:
+        assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_mean_accepted_length"] > 2.5
+    if blocks == 14:
+        assert stats["num_preemptions"] > 0
+    with pytest.raises(ValueError, match="n-gram"):
+        LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=8,
+                  speculative=SpeculativeDecoder.draft(serve_model, 2))
+
+
+def test_block_manager_shrink_returns_tail_blocks():
+    from tritium.serve.block_pool import BlockManager
+
+    blocks = BlockManager(8, 4)
+    assert blocks.allocate("a", 14)  # 4 blocks
+    head = list(blocks.table("a")[:2])
+    assert blocks.shrink("a", 6) == 2 and blocks.table("a") == head and blocks.num_free_blocks == 6
+    assert blocks.shrink("a", 8) == 0 and blocks.shrink("missing", 0) == 0
+    blocks.free("a")
+    assert blocks.num_used_blocks == 0
