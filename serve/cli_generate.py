@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even on CUDA")
     runtime.add_argument("--no-stream", action="store_true", help="print the completion once, at the end")
     runtime.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr at the end")
+    add_speculative_arguments(parser)
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """--speculative, --draft-checkpoint, --num-speculative-tokens (``generate`` and ``serve``)."""
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--speculative", choices=("ngram", "draft"), default=None,
                       help="propose tokens by prompt lookup (ngram) or a draft model, verify K per forward pass")
@@ -80,7 +85,7 @@ def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None
     return model.eval(), tokenizer
 
 
-def _speculative(args: argparse.Namespace):
+def speculative_from_args(args: argparse.Namespace):
     """The ``SpeculativeDecoder`` the flags ask for, or None."""
     from tritium.serve.speculative import SpeculativeDecoder
 
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         if args.system:
             raise ValueError("--system needs --chat")
         prompt_ids = encode_prompt(tokenizer, text)
-    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph, speculative=_speculative(args))
+    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph, speculative=speculative_from_args(args))
     start = time.perf_counter()
     completion_tokens = 0
     if args.no_stream:

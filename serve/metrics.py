@@ -34,6 +34,10 @@ METRIC_NAMES = {  # name -> help; the README lists these
     "running_requests": "requests in the engine's running batch",
     "kv_blocks_used": "KV-cache blocks in use",
     "kv_blocks_total": "KV-cache blocks available in all",
+    "spec_proposed_tokens": "speculative decoding: tokens proposed (0 without --speculative)",
+    "spec_accepted_tokens": "speculative decoding: proposed tokens the model accepted",
+    "spec_acceptance_rate": "speculative decoding: accepted / proposed",
+    "spec_mean_accepted_length": "speculative decoding: tokens emitted per verification pass",
 }
 
 
@@ -66,7 +70,10 @@ class ServeMetrics:
                                       registry=reg)
         self.in_flight = Gauge(name("requests_in_flight"), METRIC_NAMES["requests_in_flight"], registry=reg)
         for key, stat in (("queue_depth", "num_waiting"), ("running_requests", "num_running"),
-                          ("kv_blocks_used", "kv_blocks_used"), ("kv_blocks_total", "kv_blocks_total")):
+                          ("kv_blocks_used", "kv_blocks_used"), ("kv_blocks_total", "kv_blocks_total"),
+                          ("spec_proposed_tokens", "spec_proposed"), ("spec_accepted_tokens", "spec_accepted"),
+                          ("spec_acceptance_rate", "spec_acceptance_rate"),
+                          ("spec_mean_accepted_length", "spec_mean_accepted_length")):
             gauge = Gauge(name(key), METRIC_NAMES[key], registry=reg)
             gauge.set_function(_stat_reader(stats, stat))
 
