@@ -410,3 +410,28 @@ def test_serve_speculative_ngram_flag_and_metrics(serve_model, tiny_tokenizer, t
     with pytest.raises(ValueError, match="ngram only"):
         cli_serve.build_app(parser.parse_args(["--checkpoint", str(tmp_path), "--speculative", "draft",
                                                "--draft-checkpoint", str(tmp_path)]))
+
+
+def test_sampled_draft_and_engine_paths_run_and_release(serve_model, tiny_tokenizer, serve_prompts):
+    """Sampled requests through the draft proposer (the target as its own draft: q == p, so nearly every
+    proposal is accepted) and through the engine next to greedy ones; the pool ends idle."""
+    from tritium.serve.engine import LLMEngine
+
+    prompts = [_ids(tiny_tokenizer, p) for p in serve_prompts]
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True,
+                             frequency_penalty=0.3)
+    gen = Generator(serve_model, tiny_tokenizer, speculative=SpeculativeDecoder.draft(serve_model, 3))
+    outs = gen.generate(prompts, sampled)
+    assert all(o.completion_tokens == 12 for o in outs)
+    assert gen.speculative.stats.acceptance_rate > 0.9
+    repeat = _ids(tiny_tokenizer, "ab ab ab ab ab ab ab ab")
+    greedy = Generator(serve_model, tiny_tokenizer).generate([repeat], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=40, max_num_seqs=4, max_prefill_tokens=6,
+                       speculative=SpeculativeDecoder(_OracleNgram({tuple(repeat): greedy[0].token_ids}), 3,
+                                                      backoff=False))
+    final = _engine_run(engine, [("s", repeat, sampled), ("g", prompts[0], SamplingParams(max_tokens=8, temperature=0)),
+                                 ("t", repeat, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))])
+    assert final["s"].completion_tokens == 12 and final["t"].completion_tokens == 10
+    assert final["t"].token_ids == greedy[0].token_ids[:10]
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["spec_proposed"] > stats["spec_accepted"] > 0
