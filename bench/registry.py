@@ -60,7 +60,7 @@ def load_all() -> dict[str, Case]:
     from tritium.bench import cases_attention, cases_kernels, cases_model  # noqa: F401
 
     try:
-        from tritium.bench import cases_generation  # noqa: F401
+        from tritium.bench import cases_generation, cases_speculative  # noqa: F401
     except ImportError:  # serve extra missing: generation cases are simply absent
         pass
     try:

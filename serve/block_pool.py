@@ -149,6 +149,18 @@ class BlockManager:
         self._tables.setdefault(seq_id, []).extend(self.pool.allocate(needed))
         return True
 
+    def shrink(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Release the blocks of ``seq_id``'s table past the first ``num_tokens`` tokens (what speculative
+        decoding reserved for rejected tokens); returns how many were released."""
+        table = self._tables.get(seq_id)
+        keep = self.blocks_for(num_tokens)
+        if table is None or len(table) <= keep:
+            return 0
+        tail = table[keep:]
+        del table[keep:]
+        self.pool.free(tail)
+        return len(tail)
+
     def free(self, seq_id: Hashable) -> int:
         """Release ``seq_id``'s blocks; returns how many its table held (0 for an unknown id)."""
         table = self._tables.pop(seq_id, [])

@@ -40,6 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even on CUDA")
     runtime.add_argument("--no-stream", action="store_true", help="print the completion once, at the end")
     runtime.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr at the end")
+    add_speculative_arguments(parser)
+
+
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """--speculative, --draft-checkpoint, --num-speculative-tokens (``generate`` and ``serve``)."""
+    spec = parser.add_argument_group("speculative decoding")
+    spec.add_argument("--speculative", choices=("ngram", "draft"), default=None,
+                      help="propose tokens by prompt lookup (ngram) or a draft model, verify K per forward pass")
+    spec.add_argument("--draft-checkpoint", metavar="DIR", default=None,
+                      help="draft model checkpoint sharing the tokenizer (with --speculative draft)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                      help="tokens proposed per verification pass (default 4)")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -73,6 +85,27 @@ def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None
     return model.eval(), tokenizer
 
 
+def speculative_from_args(args: argparse.Namespace):
+    """The ``SpeculativeDecoder`` the flags ask for, or None."""
+    from tritium.serve.speculative import SpeculativeDecoder
+
+    if args.speculative is None:
+        if args.draft_checkpoint is not None:
+            raise ValueError("--draft-checkpoint needs --speculative draft")
+        return None
+    if args.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    if args.speculative == "ngram":
+        if args.draft_checkpoint is not None:
+            raise ValueError("--draft-checkpoint is for --speculative draft, not ngram")
+        return SpeculativeDecoder.ngram(args.num_speculative_tokens)
+    if args.draft_checkpoint is None:
+        raise ValueError("--speculative draft needs --draft-checkpoint DIR")
+    draft, _ = load_for_inference(args.draft_checkpoint, args.tokenizer or args.checkpoint, args.device,
+                                  args.dtype, args.backend)
+    return SpeculativeDecoder.draft(draft, args.num_speculative_tokens)
+
+
 def run(args: argparse.Namespace) -> int:
     from tritium.serve.generator import Generator
     from tritium.serve.sampling import SamplingParams
@@ -95,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         if args.system:
             raise ValueError("--system needs --chat")
         prompt_ids = encode_prompt(tokenizer, text)
-    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph)
+    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph, speculative=speculative_from_args(args))
     start = time.perf_counter()
     completion_tokens = 0
     if args.no_stream:
@@ -114,4 +147,6 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
         print(f"[{len(prompt_ids)} prompt tokens, {completion_tokens} completion tokens in {elapsed:.2f}s "
               f"({completion_tokens / max(elapsed, 1e-9):.1f} tok/s), finish_reason={reason}]", file=sys.stderr)
+        if generator.speculative is not None:
+            print(f"[{generator.speculative.stats.summary()}]", file=sys.stderr)
     return 0

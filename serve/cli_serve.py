@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--no-prefix-caching", action="store_true",
                          help="recompute every prompt instead of reusing the KV blocks of cached prefixes")
     runtime.add_argument("--log-level", default="info", help="uvicorn log level")
+    from tritium.serve.cli_generate import add_speculative_arguments
+
+    add_speculative_arguments(parser)  # the engine takes --speculative ngram (a draft model: generate only)
 
 
 def is_loopback(host: str) -> bool:
@@ -76,7 +79,7 @@ def read_api_key(args: argparse.Namespace) -> str | None:
 def build_app(args: argparse.Namespace):
     """(app, config) for parsed ``tritium serve`` arguments (loads the checkpoint)."""
     from tritium.serve.api import ServeConfig, create_app
-    from tritium.serve.cli_generate import load_for_inference
+    from tritium.serve.cli_generate import load_for_inference, speculative_from_args
     from tritium.serve.engine import LLMEngine
 
     config = ServeConfig.from_env(model_name=args.model_name, api_key=read_api_key(args),
@@ -84,9 +87,12 @@ def build_app(args: argparse.Namespace):
                                   max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                   policy_file=args.policy, docs_dir=args.docs, retrieval_top_k=args.top_k_docs,
                                   shutdown_grace_s=args.shutdown_grace)
+    if getattr(args, "speculative", None) == "draft":
+        raise ValueError("tritium serve supports --speculative ngram only (a draft model runs in tritium generate)")
     model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend)
     engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
-                       max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+                       max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
+                       speculative=speculative_from_args(args))
     return create_app(engine, tokenizer, config), config
 
 

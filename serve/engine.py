@@ -32,6 +32,7 @@ from tritium.serve.kv_cache import PagedKVCache
 from tritium.serve.sampling import SamplingParams
 from tritium.serve.scheduler import Scheduler, SchedulerRequest
 from tritium.serve.sequence import SequenceState, check_prompt, last_token_logits, sample_for
+from tritium.serve.speculative import SpeculativeDecoder
 
 
 @dataclass
@@ -127,7 +128,8 @@ class LLMEngine:
     """Continuous-batching engine over one model; single-threaded (``AsyncEngine`` adds the thread)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_num_seqs: int = 32, max_prefill_tokens: int = 512, enable_prefix_caching: bool = True) -> None:
+                 max_num_seqs: int = 32, max_prefill_tokens: int = 512, enable_prefix_caching: bool = True,
+                 speculative: SpeculativeDecoder | None = None) -> None:
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if not isinstance(value, int) or value <= 0:
@@ -152,6 +154,11 @@ class LLMEngine:
         # Batched-forward failures in a row (reset by a good step); AsyncEngine gives up past a limit.
         self.consecutive_step_errors = 0
         self.last_step_error: str | None = None
+        # Speculative decoding (serve/speculative.py): decodes with an n-gram proposal verify it in one pass.
+        self.speculative = speculative
+        if speculative is not None:
+            speculative.check_target(model)
+            speculative.check_engine()
 
     # ------------------------------------------------------------------ requests
     def validate_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -195,7 +202,9 @@ class LLMEngine:
                     kv_block_size=self.blocks.block_size, max_num_seqs=self.max_num_seqs,
                     num_preemptions=scheduler.num_preemptions,
                     prefix_cache_queries=scheduler.prefix_cache_queries,
-                    prefix_cache_hits=scheduler.prefix_cache_hits, **self._counters)
+                    prefix_cache_hits=scheduler.prefix_cache_hits, **self._counters,
+                    **({f"spec_{k}": v for k, v in self.speculative.stats.as_dict().items()}
+                       if self.speculative is not None else {}))
 
     # ------------------------------------------------------------------ model runner
     def _forward(self, rows: list[tuple[_Request, int]]) -> torch.Tensor:
@@ -257,6 +266,10 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         sampled: list[tuple[_Request, torch.Tensor]] = []
         try:
+            if plan.decodes and self.speculative is not None:
+                plan.decodes, verify = self.speculative.engine_split(self, plan.decodes)
+                if verify:
+                    outputs.extend(self.speculative.engine_step(self, verify))
             if plan.decodes:
                 logits = self._forward([(r, 1) for r in plan.decodes])
                 for request in plan.decodes:

@@ -24,6 +24,7 @@ import torch
 from tritium.serve.kv_cache import ContiguousKVCache
 from tritium.serve.sampling import SamplingParams
 from tritium.serve.sequence import SequenceState, check_prompt, encode_prompt, last_token_logits, sample_for
+from tritium.serve.speculative import SpeculativeDecoder
 
 
 @dataclass
@@ -79,7 +80,8 @@ class DecodeGraph:
 class Generator:
     """Batched prefill + decode with a contiguous KV cache."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, compile: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, *, compile: bool | None = None,
+                 speculative: SpeculativeDecoder | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -92,13 +94,19 @@ class Generator:
         self._graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.graph_failures = 0
         self.last_completion: Completion | None = None  # set when a stream() finishes
+        # Speculative decoding (serve/speculative.py): proposals verified K at a time; None = one token a step.
+        self.speculative = speculative
+        if speculative is not None:
+            speculative.check_target(model)
 
     # ------------------------------------------------------------------ cache reuse
     def _cache_for(self, batch_size: int, needed_len: int) -> ContiguousKVCache:
+        if self.speculative is not None:  # a verify pass writes K positions past a finished row's length
+            needed_len += self.speculative.num_speculative_tokens
         cache = self._cache
         if cache is None or cache.batch_size != batch_size or cache.max_seq_len < needed_len:
             # Round up so nearby lengths reuse the same buffers (and the same captured graph).
-            length = min(self.config.max_seq_len, -(-needed_len // 256) * 256)
+            length = max(needed_len, min(self.config.max_seq_len, -(-needed_len // 256) * 256))
             self._cache = cache = ContiguousKVCache.for_model(self.model, batch_size, length)
             self._graphs.clear()
         cache.reset()
@@ -152,6 +160,10 @@ class Generator:
         last = torch.tensor(lengths, device=self.device) - 1
         logits = last_token_logits(self.model, input_ids, position_ids, cache, last_index=last)
         cache.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        if self.speculative is not None:
+            yield from self.speculative.decode(self.model, cache, states, logits,
+                                               lambda feed, positions: self._decode_logits(cache, feed, positions))
+            return
         while True:
             active = [not s.finished for s in states]
             tokens, logprobs = sample_for(states, logits)

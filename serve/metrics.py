@@ -37,6 +37,10 @@ METRIC_NAMES = {  # name -> help; the README lists these
     "prefix_cache_queries": "prompt tokens looked up in the prefix cache (cumulative)",
     "prefix_cache_hits": "prompt tokens found in the prefix cache, not recomputed (cumulative)",
     "prefix_cache_hit_rate": "prefix_cache_hits / prefix_cache_queries",
+    "spec_proposed_tokens": "speculative decoding: tokens proposed (0 without --speculative)",
+    "spec_accepted_tokens": "speculative decoding: proposed tokens the model accepted",
+    "spec_acceptance_rate": "speculative decoding: accepted / proposed",
+    "spec_mean_accepted_length": "speculative decoding: tokens emitted per verification pass",
 }
 
 
@@ -71,7 +75,10 @@ class ServeMetrics:
         for key, stat in (("queue_depth", "num_waiting"), ("running_requests", "num_running"),
                           ("kv_blocks_used", "kv_blocks_used"), ("kv_blocks_total", "kv_blocks_total"),
                           ("prefix_cache_queries", "prefix_cache_queries"),
-                          ("prefix_cache_hits", "prefix_cache_hits")):
+                          ("prefix_cache_hits", "prefix_cache_hits"),
+                          ("spec_proposed_tokens", "spec_proposed"), ("spec_accepted_tokens", "spec_accepted"),
+                          ("spec_acceptance_rate", "spec_acceptance_rate"),
+                          ("spec_mean_accepted_length", "spec_mean_accepted_length")):
             gauge = Gauge(name(key), METRIC_NAMES[key], registry=reg)
             gauge.set_function(_stat_reader(stats, stat))
         queries, hits = _stat_reader(stats, "prefix_cache_queries"), _stat_reader(stats, "prefix_cache_hits")
