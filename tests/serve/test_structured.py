@@ -112,7 +112,7 @@ def test_json_schema_at_temperature_1_always_valid(model, tiny_tokenizer, schema
     alone = run_engine(LLMEngine(model, tiny_tokenizer, block_size=8, num_blocks=64, max_num_seqs=2),
                        [requests[-1]])
     assert final["plain"].token_ids == alone["plain"].token_ids
-    assert engine.cache.num_used_blocks == 0 and engine.stats()["num_preemptions"] > 0
+    assert engine.blocks.num_used_blocks == 0 and engine.stats()["num_preemptions"] > 0
 
 
 def test_regex_choice_json_object_and_ignore_eos(model, tiny_tokenizer):
