@@ -178,14 +178,15 @@ def _zero3_worker(rank: int, world: int, port: int, out_dir: str, checkpoint: st
 
     cfg = GRPOConfig(num_generations=8, max_completion_tokens=4, rewards=("toy_rewards_b:first_letter",),
                      per_task=20)
-    train_cfg = TrainConfig(seq_len=128, micro_batch=8, grad_accum=2, max_steps=8, lr=1e-2, warmup_steps=0,
+    # a high lr: the toy policy collapses onto rewarded first tokens within a few steps (deterministic seeds)
+    train_cfg = TrainConfig(seq_len=128, micro_batch=16, grad_accum=1, max_steps=8, lr=1e-1, warmup_steps=0,
                             min_lr_ratio=1.0, weight_decay=0.0, zero_stage=3, precision="fp32", out=out_dir,
                             log_interval=1, eval_interval=0, save_interval=0, progress=False, export=False,
                             init_from=checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
     policy = Transformer.from_pretrained(checkpoint, dtype=torch.float32)
     start = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    source = RolloutSource(policy, tokenizer, embedded_prompts(0, 20), cfg, 8, 2)
+    source = RolloutSource(policy, tokenizer, embedded_prompts(0, 20), cfg, 16, 1)
     result = fit(train_cfg, make_batches=source, loss_fn=make_grpo_loss(cfg), tokenizer=tokenizer, model=policy)
     # weight sync after training: the engine (on the rank-local replica) scores exactly as the ZeRO-3 policy does
     source.rollout(10_000, rank, world)  # syncs (a collective gather on every rank), then generates
@@ -222,7 +223,7 @@ def test_two_rank_zero3_reward_rises_and_engine_matches_policy(tmp_path, tiny_to
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     rewards = ranks[0]["rewards"]
     assert len(rewards) == 8
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.15, rewards
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.2, rewards
     last = ranks[0]["records"][-1]
     for key in ("reward_first_letter", "reward_std", "zero_std_frac", "kl", "completion_len", "gen_tokens_per_s",
                 "gen_time_share", "clip_ratio"):
