@@ -2,8 +2,7 @@
 
 Example::
 
-    tritium align-eval --checkpoint runs/pretrain/final runs/sft/final runs/dpo/final runs/grpo/final \
-        --out runs/align_eval
+    tritium align-eval --checkpoint runs/sft/final runs/dpo/final runs/grpo/final --out runs/align_eval
 
 Scores every checkpoint on the embedded tasks' held-out test split (the same ``--data-seed`` and
 ``--per-task`` as sft/dpo, so no test prompt was trained on) or on ``--data`` (prompt/completion JSONL,
