@@ -187,8 +187,8 @@ def token_logps(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> to
 def make_grpo_loss(cfg: GRPOConfig):
     """``loss_fn(model, batch) -> (loss, metrics)`` for ``tritium.train.trainer.fit``.
 
-    The micro-batch's loss is ``sum / count`` from ``reduce_grpo_loss``; ``metrics['loss_sum']`` and
-    ``metrics['loss_count']`` carry both, for a loop that normalises by the step's global count.
+    The micro-batch's loss is ``sum / count`` from ``reduce_grpo_loss`` (the loop's current contract: a
+    micro-batch mean); a loop that normalises by the step's global count takes the same pair unchanged.
     """
     def loss_fn(model: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         labels = batch["labels"]
