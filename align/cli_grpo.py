@@ -26,7 +26,7 @@ from typing import Any
 HELP = "RL from verifiable rewards (GRPO) with rollouts from tritium's engine, on the DeepSpeed loop"
 
 # micro_batch counts completions: 8 = one group of 8 per micro-batch, 2 micro-batches = 2 prompts per rank
-GRPO_DEFAULTS: dict[str, Any] = {"out": "runs/grpo", "lr": 1e-4, "max_steps": 60, "micro_batch": 16,
+GRPO_DEFAULTS: dict[str, Any] = {"out": "runs/grpo", "lr": 2e-5, "max_steps": 60, "micro_batch": 16,
                                  "grad_accum": 2, "seq_len": 256, "eval_interval": 0, "save_interval": 0,
                                  "log_interval": 1, "min_lr_ratio": 1.0, "warmup_steps": 0, "weight_decay": 0.0}
 
