@@ -2,12 +2,12 @@
 
 Example::
 
-    tritium align-eval --checkpoint runs/pretrain/final runs/sft/final runs/dpo/final --out runs/align_eval
+    tritium align-eval --checkpoint runs/sft/final runs/dpo/final runs/grpo/final --out runs/align_eval
 
 Scores every checkpoint on the embedded tasks' held-out test split (the same ``--data-seed`` and
 ``--per-task`` as sft/dpo, so no test prompt was trained on) or on ``--data`` (prompt/completion JSONL,
 scored by exact match) and ``--pairs`` (preference JSONL).  Prints one table; writes
-``OUT/align_eval.json`` and ``OUT/align_eval.png``.
+``OUT/align_eval.json`` and ``OUT/align_eval.png`` (one bar per checkpoint, and exact match per task).
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ Per checkpoint, on the embedded tasks' test split (prompts never trained on):
 
 Greedy decoding here is a deliberately plain loop (full forward per new token, right padding): short
 replies on a tiny model, and ``align`` does not depend on ``serve``.  The output is one rich table, a
-JSON file and a PNG bar chart.
+JSON file and a PNG bar chart (one bar per checkpoint -- pretrained, SFT, DPO, GRPO, ... -- per metric, and
+exact match per task).
 """
 from __future__ import annotations
 
@@ -258,18 +259,28 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     names = ["exact_match", "format", "pref_accuracy"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    tasks = sorted({task for row in rows for task in row.get("per_task", {})})
+    # one bar per checkpoint (pretrained, sft, dpo, grpo, ...) in each group; per-task exact match on the right
+    fig, (ax, ax_tasks) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, max(len(tasks), 1)]})
     width = 0.8 / max(len(rows), 1)
     for i, row in enumerate(rows):
         xs = [j + i * width for j in range(len(names))]
         bars = ax.bar(xs, [row[n] for n in names], width, label=row["label"])
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        task_bars = ax_tasks.bar([j + i * width for j in range(len(tasks))],
+                                 [row.get("per_task", {}).get(t, float("nan")) for t in tasks], width,
+                                 label=row["label"])
+        ax_tasks.bar_label(task_bars, fmt="%.2f", fontsize=6)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(names))])
     ax.set_xticklabels(["exact match", "stops at <|end|>", "preference accuracy"])
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("fraction of held-out prompts")
     ax.set_title("alignment on held-out tasks")
     ax.legend(fontsize=8)
+    ax_tasks.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(tasks))])
+    ax_tasks.set_xticklabels(tasks)
+    ax_tasks.set_ylim(0, 1.1)
+    ax_tasks.set_title("exact match per task")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "tritium.train.cli_train",
     "sft": "tritium.align.cli_sft",
     "dpo": "tritium.align.cli_dpo",
+    "grpo": "tritium.align.cli_grpo",
     "align-eval": "tritium.align.cli_eval",
     "generate": "tritium.serve.cli_generate",
     "serve": "tritium.serve.cli_serve",

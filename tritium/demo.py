@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     demo = Demo(out=out, quick=args.quick, nproc=nproc)
     started = time.time()
     q = args.quick
-    steps = {"pretrain": 30 if q else 300, "sft": 40 if q else 300, "dpo": 8 if q else 100}
+    steps = {"pretrain": 30 if q else 300, "sft": 40 if q else 300, "dpo": 8 if q else 100, "grpo": 3 if q else 60}
     # The quick form draws fewer task prompts (same per-task in sft, dpo and eval keeps the splits aligned).
     tasks = ["--per-task", "150"] if q else []
 
@@ -140,15 +140,19 @@ def run(args: argparse.Namespace) -> int:
     demo.tritium("generate", "--checkpoint", out / "pretrain" / "final", *sample,
                  title="the same prompt after pretraining")
 
-    print("\n=== 3. Alignment: SFT, then DPO, measured ===")
+    print("\n=== 3. Alignment: SFT, then DPO and GRPO, measured ===")
     demo.tritium("sft", "--checkpoint", out / "pretrain" / "final", "--nproc", nproc, "--max-steps", steps["sft"],
                  "--save-interval", 0, *tasks, "--out", out / "sft",
                  title="supervised fine-tuning on the embedded instruction tasks")
     demo.tritium("dpo", "--checkpoint", out / "sft" / "final", "--nproc", nproc, "--max-steps", steps["dpo"],
                  "--save-interval", 0, *tasks, "--out", out / "dpo",
                  title="preference tuning (DPO) against the SFT model as reference")
+    demo.tritium("grpo", "--checkpoint", out / "sft" / "final", "--nproc", nproc, "--max-steps", steps["grpo"],
+                 *tasks, "--out", out / "grpo",
+                 title="RL from verifiable rewards (GRPO): rollouts from tritium's engine, scored by the task verifiers")
     demo.tritium("align-eval", "--checkpoint", out / "pretrain" / "final", out / "sft" / "final",
-                 out / "dpo" / "final", "--labels", "pretrained", "sft", "dpo", "--reference-checkpoint", out / "sft" / "final",
+                 out / "dpo" / "final", out / "grpo" / "final", "--labels", "pretrained", "sft", "dpo", "grpo",
+                 "--reference-checkpoint", out / "sft" / "final",
                  "--out", out / "align-eval", *tasks, *(["--max-examples", "40", "--max-pairs", "40"] if q else []),
                  title="before/after table: exact match, format compliance, preference accuracy")
 
