@@ -36,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tritium.train.config import add_train_arguments
 
     group = parser.add_argument_group("grpo")
-    group.add_argument("--checkpoint", required=True, help="SFT model dir (HF layout + tokenizer.model); also the "
-                                                           "reference for --beta")
     group.add_argument("--data", help="prompt JSONL ({'prompt'} or {'messages'} + fields for the rewards); "
                                       "default: the embedded tasks' train split")
     group.add_argument("--reward", action="append", metavar="SPEC",
@@ -46,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reward-weights", type=float, nargs="+",
                        help="one weight per --reward (default: 1, and 0.1 for format)")
     group.add_argument("--num-generations", type=int, default=8, help="completions per prompt (G)")
-    group.add_argument("--max-completion-tokens", type=int, default=16, help="generation budget per completion")
+    group.add_argument("--max-tokens", dest="max_completion_tokens", type=int, default=16,
+                       help="generation budget per completion (tokens; OpenAI's max_tokens)")
     group.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     group.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
     group.add_argument("--epsilon", type=float, default=0.2, help="ratio clip: [1 - eps, 1 + eps-high]")
@@ -63,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-seed", type=int, default=0, help="embedded tasks: split seed (same as sft's)")
     add_train_arguments(parser, data=False)
     parser.set_defaults(**{k: None for k in GRPO_DEFAULTS})
-    parser.epilog = ("--micro-batch counts completions (a multiple of --num-generations per rank and step). "
+    parser.epilog = ("--checkpoint (required) is the SFT model dir, and the reference for --beta. --micro-batch counts completions (a multiple of --num-generations per rank and step). "
                      "GRPO defaults when a flag is not given: " + ", ".join(f"{k}={v}" for k, v in GRPO_DEFAULTS.items()))
 
 
@@ -83,12 +82,8 @@ def _run_rank(payload: dict[str, Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from tritium.align.grpo import GRPOConfig, grpo_prompts, load_reward
-    from tritium.align.launching import checked_inputs, launch_or_run, train_config_from_args
+    from tritium.align.launching import launch_or_run, start_run
 
-    args.val_data = None  # checked_inputs looks for it
-    checkpoint = checked_inputs(args)
-    train_cfg = train_config_from_args(args, GRPO_DEFAULTS)
-    train_cfg.init_from = str(checkpoint)
     rewards = tuple(args.reward) if args.reward else ("correctness", "format")
     cfg = GRPOConfig(num_generations=args.num_generations, max_completion_tokens=args.max_completion_tokens,
                      temperature=args.temperature, top_p=args.top_p, epsilon=args.epsilon,
@@ -100,10 +95,14 @@ def run(args: argparse.Namespace) -> int:
         load_reward(spec)
     if args.data:
         grpo_prompts(cfg, args.data)
-    if (train_cfg.micro_batch * train_cfg.grad_accum) % cfg.num_generations:
-        raise ValueError(f"--micro-batch ({train_cfg.micro_batch}) x --grad-accum ({train_cfg.grad_accum}) "
-                         f"completions per rank and step must be a multiple of --num-generations "
-                         f"({cfg.num_generations})")
+
+    def whole_groups(train_cfg) -> None:
+        if (train_cfg.micro_batch * train_cfg.grad_accum) % cfg.num_generations:
+            raise ValueError(f"--micro-batch ({train_cfg.micro_batch}) x --grad-accum ({train_cfg.grad_accum}) "
+                             f"completions per rank and step must be a multiple of --num-generations "
+                             f"({cfg.num_generations})")
+
+    checkpoint, train_cfg = start_run(args, GRPO_DEFAULTS, validate=whole_groups)
     payload = {"grpo": cfg.to_dict(), "checkpoint": str(checkpoint), "data": args.data}
     return launch_or_run(train_cfg, payload, "tritium.align.cli_grpo", _run_rank)
 

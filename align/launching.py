@@ -93,20 +93,23 @@ def checked_inputs(args) -> Path:
         raise FileNotFoundError(f"--checkpoint {checkpoint} must hold config.json, *.safetensors and tokenizer.model "
                                 "(a run's final/ folder)")
     for name in ("data", "val_data"):
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is not None and not Path(value).is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} file not found: {value}")
     return checkpoint
 
 
-def start_run(args, defaults: dict[str, Any]):
-    """(checkpoint, TrainConfig) of ``tritium sft``/``dpo``: inputs checked, command defaults applied, the
-    run folder claimed (an existing one needs --resume or --overwrite) -- all before any work."""
+def start_run(args, defaults: dict[str, Any], validate=None):
+    """(checkpoint, TrainConfig) of ``tritium sft``/``dpo``/``grpo``: inputs checked, command defaults
+    applied, ``validate(train_cfg)`` (the command's own checks) run, then the run folder claimed (an
+    existing one needs --resume or --overwrite) -- all before any work, so a refused run leaves nothing."""
     from tritium.runs import claim_run_folder
 
     checkpoint = checked_inputs(args)
     train_cfg = train_config_from_args(args, defaults)
     train_cfg.init_from = str(checkpoint)
+    if validate is not None:
+        validate(train_cfg)
     claim_run_folder(train_cfg.out, resume=bool(train_cfg.resume), overwrite=args.overwrite,
-                     inputs=[checkpoint, args.data, args.val_data])
+                     inputs=[checkpoint, args.data, getattr(args, "val_data", None)])
     return checkpoint, train_cfg

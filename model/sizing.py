@@ -371,9 +371,10 @@ def activation_breakdown(cfg: ModelConfig, micro_batch: int, seq_len: int, preci
       d(head weight) during the forward (chunk by chunk, Liger's trick) and saves them, instead of any
       (N, V) logits.
     * ``token_ids``: ``8*N`` (int64 ids, saved by the embedding).
-    * ``rope_tables``: ``2 * max_seq_len * head_dim * 4`` (the fp32 cos/sin tables RoPE saves; not
-      under checkpointing, where they are saved only during the recompute).
-    * packed documents (``cu_seqlens``): ``8*N`` int64 positions and ``4*(docs + 1)`` of cu_seqlens.
+    * ``rope_tables``: the fp32 cos/sin every block takes (and RoPE, or the checkpointed block, saves):
+      ``2 * max_seq_len * head_dim * 4`` when positions are 0..T-1 (slices of the model's tables), or
+      ``2 * N * head_dim * 4`` for packed documents, whose rows are gathered at each token's position.
+    * packed documents (``cu_seqlens``): ``4*(docs + 1)`` of int32 cu_seqlens.
     """
     _positive("micro_batch", micro_batch)
     _positive("seq_len", seq_len)
@@ -383,11 +384,9 @@ def activation_breakdown(cfg: ModelConfig, micro_batch: int, seq_len: int, preci
            "final_norm": n * (a * h + 4),
            "loss_grads": n * a * h + cfg.vocab_size * h * a,
            "token_ids": 8 * n}
-    if not checkpointing:
-        out["rope_tables"] = 2 * cfg.max_seq_len * cfg.head_dim * 4
+    out["rope_tables"] = 2 * (cfg.max_seq_len if packed_documents is None else n) * cfg.head_dim * 4
     if packed_documents is not None:
         _positive("packed_documents", packed_documents)
-        out["positions"] = 8 * n
         out["cu_seqlens"] = 4 * (packed_documents + 1)
     return out
 

@@ -242,7 +242,7 @@ def test_cli_grpo_then_align_eval_row(tmp_path, tiny_tokenizer_dir, monkeypatch,
     monkeypatch.chdir(tmp_path)
     checkpoint = _toy_checkpoint(tmp_path / "sft" / "final", tiny_tokenizer_dir)
     common = ["--checkpoint", checkpoint, "--per-task", "20", "--num-generations", "4", "--micro-batch", "8",
-              "--grad-accum", "1", "--max-completion-tokens", "4", "--no-progress", "--zero-stage", "1",
+              "--grad-accum", "1", "--max-tokens", "4", "--no-progress", "--zero-stage", "1",
               "--seq-len", "128"]
     assert main(["grpo", *common, "--out", str(tmp_path / "bad"), "--reward", "toy_rewards_c"]) == 2
     assert "--reward 'toy_rewards_c': expected module:function" in capsys.readouterr().err
