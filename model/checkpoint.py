@@ -177,7 +177,8 @@ def verify_checksums(directory: str | Path, verify: bool | None = None) -> bool:
     manifest = directory / CHECKSUMS_NAME
     if not verify or not manifest.is_file():
         return False
-    hint = f"re-export or re-download it, or set {VERIFY_ENV}=0 to load it anyway"
+    hint = (f"re-export or re-download it, or set {VERIFY_ENV}=0 (tritium generate/serve: --no-verify-checksums) "
+            "to load it anyway")
     for number, line in enumerate(manifest.read_text().splitlines(), 1):
         if not line.strip():
             continue

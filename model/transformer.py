@@ -298,11 +298,12 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | str | None = None, device=None,
-                        backend: str | None = None, config: ModelConfig | None = None) -> Transformer:
+                        backend: str | None = None, config: ModelConfig | None = None,
+                        verify: bool | None = None) -> Transformer:
         # Imported here: checkpoint.py imports this module at its top.
         from tritium.model.checkpoint import load_pretrained
 
-        return load_pretrained(directory, dtype=dtype, device=device, backend=backend, config=config)
+        return load_pretrained(directory, dtype=dtype, device=device, backend=backend, config=config, verify=verify)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB",
                         dtype: torch.dtype | str | None = None) -> Path:

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                          help="weights/KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     runtime.add_argument("--backend", default=None, help="kernel backend (default: the checkpoint's config)")
+    runtime.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false", default=None,
+                         help="load weights whose checksums.sha256 does not match (files changed on purpose)")
     runtime.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even on CUDA")
     runtime.add_argument("--no-stream", action="store_true", help="print the completion once, at the end")
     runtime.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr at the end")
@@ -63,8 +65,10 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None = None, device: str = "auto",
-                       dtype: str = "auto", backend: str | None = None):
-    """(model, tokenizer) from a checkpoint folder, on ``device`` in ``dtype``, in eval mode."""
+                       dtype: str = "auto", backend: str | None = None, verify: bool | None = None):
+    """(model, tokenizer) from a checkpoint folder, on ``device`` in ``dtype``, in eval mode.
+
+    ``verify`` False skips the ``checksums.sha256`` check (None: unless ``TRITIUM_VERIFY_CHECKSUMS=0``)."""
     import torch
 
     from tritium.model.tokenizer import Tokenizer
@@ -78,7 +82,8 @@ def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None
     if dtype == "auto":
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     tokenizer = Tokenizer.load(tokenizer_path or checkpoint)
-    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device, backend=backend)
+    model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device, backend=backend,
+                                        verify=verify)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's "
                          f"({model.config.vocab_size}): wrong tokenizer for this checkpoint?")
@@ -102,7 +107,7 @@ def speculative_from_args(args: argparse.Namespace):
     if args.draft_checkpoint is None:
         raise ValueError("--speculative draft needs --draft-checkpoint DIR")
     draft, _ = load_for_inference(args.draft_checkpoint, args.tokenizer or args.checkpoint, args.device,
-                                  args.dtype, args.backend)
+                                  args.dtype, args.backend, verify=getattr(args, "verify_checksums", None))
     return SpeculativeDecoder.draft(draft, args.num_speculative_tokens)
 
 
@@ -117,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
         stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.backend)
+    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.backend,
+                                          verify=args.verify_checksums)
     if args.chat:
         from tritium.model.chat import encode_prompt as encode_chat_prompt
 

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                          help="weights/KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     runtime.add_argument("--backend", default=None, help="kernel backend (default: the checkpoint's config)")
+    runtime.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false", default=None,
+                         help="load weights whose checksums.sha256 does not match (files changed on purpose)")
     runtime.add_argument("--max-num-seqs", type=int, default=32, help="requests batched together at most")
     runtime.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     runtime.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by memory)")
@@ -89,7 +91,8 @@ def build_app(args: argparse.Namespace):
                                   shutdown_grace_s=args.shutdown_grace)
     if getattr(args, "speculative", None) == "draft":
         raise ValueError("tritium serve supports --speculative ngram only (a draft model runs in tritium generate)")
-    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend)
+    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
+                                          verify=args.verify_checksums)
     engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
                        max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
                        speculative=speculative_from_args(args))

@@ -233,6 +233,26 @@ def test_flipped_bytes_fail_the_checksum_with_one_line(saved, monkeypatch):
         assert len(differing) == 1
 
 
+def test_generate_and_serve_refuse_flipped_bytes_unless_told(saved, tiny_tokenizer_dir):
+    """The command line's opt-out: --no-verify-checksums on generate and serve (the error names it)."""
+    import shutil
+
+    from tritium.cli import build_parser
+    from tritium.serve.cli_generate import load_for_inference
+
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.model", saved / "tokenizer.model")
+    _flip_middle(saved / "model.safetensors")
+    with pytest.raises(CheckpointError, match="--no-verify-checksums"):
+        load_for_inference(saved, device="cpu")
+    parser = build_parser()
+    for command in (["generate", "--checkpoint", str(saved), "hi"], ["serve", "--checkpoint", str(saved)]):
+        assert parser.parse_args(command).verify_checksums is None  # default: verify
+        args = parser.parse_args(command + ["--no-verify-checksums"])
+        assert args.verify_checksums is False
+    model, _ = load_for_inference(saved, device="cpu", verify=args.verify_checksums)
+    assert model.config.vocab_size > 0
+
+
 def test_checksums_cover_shards_and_folders_without_them_load(tmp_path, ids):
     model = build(tie_embeddings=False)
     target = save_pretrained(model, tmp_path / "sharded", max_shard_size="400KB")
