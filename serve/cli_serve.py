@@ -69,7 +69,7 @@ def read_api_key(args: argparse.Namespace) -> str | None:
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:  # "~/..." also when the shell left it
             key = f.readline().strip()
     except OSError as exc:
         raise ValueError(f"--api-key-file {path}: cannot read it ({exc.strerror})") from None

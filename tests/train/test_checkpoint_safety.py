@@ -177,8 +177,7 @@ def test_export_onto_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
     """export_final (one process): safetensors' own error type still ends as one WriteError line."""
     from types import SimpleNamespace
 
-    import safetensors.torch
-
+    import tritium.model.checkpoint as model_checkpoint
     from tritium.model.config import ModelConfig
     from tritium.model.transformer import Transformer
     from tritium.train.checkpoints import WriteError, export_final
@@ -186,7 +185,7 @@ def test_export_onto_a_full_disk_is_a_write_error(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(model_checkpoint, "save_file", full)  # safetensors' writer, as the exporter calls it
     model = Transformer(ModelConfig(**MODEL), backend="torch")
     engine = SimpleNamespace(module=model, zero_optimization_partition_weights=lambda: False)
     with pytest.raises(WriteError, match=r"^cannot write export .*final: No space left on device$"):

@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from tritium.kernels._runtime import count_launches
     from tritium.train.engine import build_engine, init_distributed, resolve_model_config
     from tritium.train.loop import run
-    from tritium.train.pretrain import next_token_loss
+    from tritium.train.pretrain import next_token_objective
 
     tokens = _tokens()
 
@@ -60,7 +60,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     init_distributed(cfg)
     engine = build_engine(cfg, resolve_model_config(cfg), world_size=world)
     with count_launches() as ledger:
-        result = run(engine, batches, next_token_loss, cfg=cfg)
+        result = run(engine, batches, next_token_objective, cfg=cfg)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"launches": dict(ledger), "loss": [r["loss"] for r in result.history],
                    "backend": engine.module.backend}, handle)
