@@ -20,11 +20,11 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert proc.returncode == 0, log[-4000:]
     # Every stage ran as a printed, rerunnable command.
     for command in ("tritium describe --preset llama2-7b", "tritium tokenizer train", "tritium data prepare",
-                    "tritium train --preset tiny --nproc 2", "tritium sft", "tritium dpo", "tritium align-eval",
+                    "tritium train --preset tiny --nproc 2", "tritium sft", "tritium dpo", "tritium grpo", "tritium align-eval",
                     "tritium generate", "tritium serve", "tritium serve-bench"):
         assert command in log, f"demo did not run `{command}`"
     assert "6,738,415,616" in log
-    for stage in ("pretrain", "sft", "dpo"):
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
         final = out / stage / "final"
         assert (final / "config.json").exists() and (final / "model.safetensors").exists()
         assert (final / "tokenizer.model").exists()
