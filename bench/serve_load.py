@@ -65,6 +65,7 @@ class BenchConfig:
     seed: int = 0  # workload mix seed
     timeout_s: float = 120.0  # per-request timeout
     shared_prefix_tokens: int = 0  # tokens every prompt starts with (a system prompt), before its own prompt_tokens
+    warmup_requests: int = 0  # untimed requests first (one-time costs of a fresh server); they share no prefix
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -77,6 +78,8 @@ class BenchConfig:
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"--{name.replace('_', '-')} must be a comma-separated list of positive integers")
+        if not isinstance(self.warmup_requests, int) or self.warmup_requests < 0:
+            raise ValueError(f"--warmup-requests must be a non-negative integer, got {self.warmup_requests!r}")
         if not isinstance(self.shared_prefix_tokens, int) or self.shared_prefix_tokens < 0:
             raise ValueError(f"--shared-prefix-tokens must be a non-negative integer, got {self.shared_prefix_tokens!r}")
 
@@ -244,6 +247,13 @@ async def _run(cfg: BenchConfig) -> BenchResult:
                 raise ValueError(f"GET {cfg.url}/v1/models answered {response.status_code}: {response.text[:200]}")
             model = response.json()["data"][0]["id"]
         work = make_workload(cfg)
+        # Warm-up prompts are drawn from another seed, so they put nothing of the shared prefix in the cache.
+        warm_rng = random.Random(f"warmup-{cfg.seed}")
+        for _ in range(cfg.warmup_requests):
+            length = cfg.shared_prefix_tokens + max(cfg.prompt_tokens)
+            prompt: str | list[int] = (" ".join(warm_rng.choice(_WORDS) for _ in range(length)) if cfg.chat else
+                                       [warm_rng.randrange(*PROMPT_ID_RANGE) for _ in range(length)])
+            await _one_request(client, cfg, model, prompt, min(cfg.max_tokens))
         before = await scrape_prefix_cache(client)
         records: list[RequestRecord] = []
         next_index = 0

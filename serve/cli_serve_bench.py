@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
                       help="every prompt starts with the same N tokens (a system prompt), then its own "
                            "--prompt-tokens distinct tokens (default 0: nothing shared)")
+    load.add_argument("--warmup-requests", type=int, default=1,
+                      help="untimed requests before the run, sharing no prefix (default 1: a fresh server's "
+                           "first request pays one-time costs)")
     load.add_argument("--compare-prefix-caching", action="store_true",
                       help="with --checkpoint: run the workload with prefix caching on and off "
                            "(--no-prefix-caching) and print both and their ratio")
@@ -174,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(url=args.url or "http://127.0.0.1", concurrency=args.concurrency, requests=args.requests,
                       duration_s=args.duration, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
                       model=args.model, api_key=api_key, ignore_eos=not args.no_ignore_eos, chat=args.chat,
-                      seed=args.seed, shared_prefix_tokens=args.shared_prefix_tokens)
+                      seed=args.seed, shared_prefix_tokens=args.shared_prefix_tokens,
+                      warmup_requests=args.warmup_requests)
     if args.compare_prefix_caching:
         return _compare(args, cfg, api_key)
     result = _bench_once(args, cfg, args.server_arg, api_key)
