@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-failure-rate must be in [0, 1), got {args.max_failure_rate}")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.repeat > 1 and not args.compare_prefix_caching:
+        raise ValueError("--repeat applies to --compare-prefix-caching; add it, or run serve-bench again")
     if args.compare_prefix_caching and not args.checkpoint:
         raise ValueError("--compare-prefix-caching needs --checkpoint (it starts a server with and without "
                          "prefix caching); against --url, run twice and restart the server with --no-prefix-caching")
