@@ -5,8 +5,16 @@ N concurrent clients (asyncio + httpx over loopback) send streamed
 ``cfg.requests`` are done or ``cfg.duration_s`` seconds pass.  Measured per
 request: time to first token (first non-empty chunk), inter-token latency
 (gaps between content chunks), output and prompt tokens (the ``usage`` the
-server reports).  ``run_bench`` returns requests/s, output tokens/s and TTFT /
-ITL / end-to-end p50 and p99 (``bench.timing.percentile``).
+server reports, including OpenAI's ``prompt_tokens_details.cached_tokens``).
+``run_bench`` returns requests/s, output tokens/s, TTFT mean / p50 / p90 / p99,
+ITL / end-to-end p50 and p99 (``bench.timing.percentile``), prefill tokens
+computed (prompt tokens minus cached tokens), and the server's own prefix-cache
+counters from ``/metrics`` (scraped before and after the run; the difference).
+
+A shared prefix (``shared_prefix_tokens``, the field's "system prompt"
+workload): every request's prompt starts with the same N tokens, followed by
+its own distinct tokens of the mixed ``prompt_tokens`` lengths -- what
+automatic prefix caching is meant to save.
 
 Prompt lengths are **tokens**: completions send token-id prompts of exactly
 the configured length (ids 16-255, byte-fallback pieces any vocabulary of 256+
@@ -56,6 +64,8 @@ class BenchConfig:
     chat: bool = False  # use /v1/chat/completions instead of /v1/completions
     seed: int = 0  # workload mix seed
     timeout_s: float = 120.0  # per-request timeout
+    shared_prefix_tokens: int = 0  # tokens every prompt starts with (a system prompt), before its own prompt_tokens
+    warmup_requests: int = 0  # untimed requests first (one-time costs of a fresh server); they share no prefix
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -68,6 +78,10 @@ class BenchConfig:
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"--{name.replace('_', '-')} must be a comma-separated list of positive integers")
+        if not isinstance(self.warmup_requests, int) or self.warmup_requests < 0:
+            raise ValueError(f"--warmup-requests must be a non-negative integer, got {self.warmup_requests!r}")
+        if not isinstance(self.shared_prefix_tokens, int) or self.shared_prefix_tokens < 0:
+            raise ValueError(f"--shared-prefix-tokens must be a non-negative integer, got {self.shared_prefix_tokens!r}")
 
 
 @dataclass
@@ -76,6 +90,7 @@ class RequestRecord:
     status: int
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     latency_s: float = 0.0
@@ -92,7 +107,13 @@ class BenchResult:
     prompt_tokens_per_s: float
     mean_output_tokens: float
     mean_prompt_tokens: float
+    prompt_tokens: int  # total over completed requests (usage)
+    cached_prompt_tokens: int  # of those, served from the prefix cache (usage cached_tokens)
+    prefill_tokens: int  # prompt tokens the server computed: prompt_tokens - cached_prompt_tokens
+    cache_hit_rate: float  # cached_prompt_tokens / prompt_tokens
+    ttft_mean_s: float | None
     ttft_p50_s: float | None
+    ttft_p90_s: float | None
     ttft_p99_s: float | None
     itl_p50_s: float | None
     itl_p99_s: float | None
@@ -100,6 +121,8 @@ class BenchResult:
     latency_p99_s: float | None
     errors: dict[str, int]  # error message (first 80 chars) -> count
     config: dict[str, Any]
+    # the server's /metrics prefix-cache counters over the run (after - before), in tokens; None if not exported
+    server_prefix_cache: dict[str, float] | None = None
 
     @property
     def failure_rate(self) -> float:
@@ -113,17 +136,48 @@ class BenchResult:
 
 def make_workload(cfg: BenchConfig) -> list[tuple[str | list[int], int]]:
     """(prompt, max_tokens) per request: a seeded mix of the configured lengths.  Completion prompts are
-    token-id lists of exactly the drawn length; chat prompts are that many words."""
+    token-id lists of exactly ``shared_prefix_tokens`` + the drawn length, the first
+    ``shared_prefix_tokens`` ids the same in every request; chat prompts are that many words."""
     rng = random.Random(cfg.seed)
+    # The prefix has its own generator, so the per-request mix is the same with and without one.
+    prefix_rng = random.Random(f"shared-prefix-{cfg.seed}")
+    if cfg.chat:
+        prefix: str | list[int] = " ".join(prefix_rng.choice(_WORDS) for _ in range(cfg.shared_prefix_tokens))
+    else:
+        prefix = [prefix_rng.randrange(*PROMPT_ID_RANGE) for _ in range(cfg.shared_prefix_tokens)]
     work: list[tuple[str | list[int], int]] = []
     for _ in range(cfg.requests):
         length = rng.choice(cfg.prompt_tokens)
         if cfg.chat:
-            prompt: str | list[int] = " ".join(rng.choice(_WORDS) for _ in range(length))
+            own = " ".join(rng.choice(_WORDS) for _ in range(length))
+            prompt: str | list[int] = f"{prefix} {own}" if prefix else own
         else:
-            prompt = [rng.randrange(*PROMPT_ID_RANGE) for _ in range(length)]
+            prompt = [*prefix, *(rng.randrange(*PROMPT_ID_RANGE) for _ in range(length))]
         work.append((prompt, rng.choice(cfg.max_tokens)))
     return work
+
+
+PREFIX_CACHE_METRICS = {"queries": "tritium_prefix_cache_queries", "hits": "tritium_prefix_cache_hits"}
+
+
+async def scrape_prefix_cache(client: Any) -> dict[str, float] | None:
+    """The server's cumulative prefix-cache counters (tokens) from ``GET /metrics``; None when the server
+    does not export them (another server, or metrics off)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = await client.get("/metrics")
+    except Exception:  # noqa: BLE001 - the counters are optional; the load test does not depend on them
+        return None
+    if response.status_code != 200:
+        return None
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            for key, metric in PREFIX_CACHE_METRICS.items():
+                if sample.name == metric:
+                    found[key] = sample.value
+    return found if len(found) == len(PREFIX_CACHE_METRICS) else None
 
 
 async def _one_request(client: Any, cfg: BenchConfig, model: str, prompt: str | list[int], max_tokens: int) -> RequestRecord:
@@ -162,6 +216,8 @@ async def _one_request(client: Any, cfg: BenchConfig, model: str, prompt: str | 
                 if chunk.get("usage"):
                     record.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     record.output_tokens = chunk["usage"]["completion_tokens"]
+                    details = chunk["usage"].get("prompt_tokens_details") or {}
+                    record.cached_tokens = int(details.get("cached_tokens") or 0)
                 for choice in chunk.get("choices", []):
                     text = choice.get("text") if not cfg.chat else (choice.get("delta") or {}).get("content")
                     if text:
@@ -191,6 +247,14 @@ async def _run(cfg: BenchConfig) -> BenchResult:
                 raise ValueError(f"GET {cfg.url}/v1/models answered {response.status_code}: {response.text[:200]}")
             model = response.json()["data"][0]["id"]
         work = make_workload(cfg)
+        # Warm-up prompts are drawn from another seed, so they put nothing of the shared prefix in the cache.
+        warm_rng = random.Random(f"warmup-{cfg.seed}")
+        for _ in range(cfg.warmup_requests):
+            length = cfg.shared_prefix_tokens + max(cfg.prompt_tokens)
+            prompt: str | list[int] = (" ".join(warm_rng.choice(_WORDS) for _ in range(length)) if cfg.chat else
+                                       [warm_rng.randrange(*PROMPT_ID_RANGE) for _ in range(length)])
+            await _one_request(client, cfg, model, prompt, min(cfg.max_tokens))
+        before = await scrape_prefix_cache(client)
         records: list[RequestRecord] = []
         next_index = 0
         t0 = time.perf_counter()
@@ -210,7 +274,13 @@ async def _run(cfg: BenchConfig) -> BenchResult:
 
         await asyncio.gather(*(client_loop() for _ in range(cfg.concurrency)))
         wall = time.perf_counter() - t0
-    return summarize(records, wall, cfg)
+        after = await scrape_prefix_cache(client) if before is not None else None
+    result = summarize(records, wall, cfg)
+    if before is not None and after is not None:
+        queries, hits = after["queries"] - before["queries"], after["hits"] - before["hits"]
+        result.server_prefix_cache = {"queries": queries, "hits": hits,
+                                      "hit_rate": hits / queries if queries > 0 else 0.0}
+    return result
 
 
 def summarize(records: list[RequestRecord], wall_s: float, cfg: BenchConfig) -> BenchResult:
@@ -222,6 +292,7 @@ def summarize(records: list[RequestRecord], wall_s: float, cfg: BenchConfig) -> 
             errors[key] = errors.get(key, 0) + 1
     out_tokens = sum(r.output_tokens for r in good)
     prompt_tokens = sum(r.prompt_tokens for r in good)
+    cached = sum(r.cached_tokens for r in good)
     ttfts = [r.ttft_s for r in good if r.ttft_s is not None]
     itls = [gap for r in good for gap in r.itl_s]
     latencies = [r.latency_s for r in good]
@@ -231,7 +302,10 @@ def summarize(records: list[RequestRecord], wall_s: float, cfg: BenchConfig) -> 
         prompt_tokens_per_s=prompt_tokens / wall_s,
         mean_output_tokens=out_tokens / len(good) if good else 0.0,
         mean_prompt_tokens=prompt_tokens / len(good) if good else 0.0,
-        ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
+        prompt_tokens=prompt_tokens, cached_prompt_tokens=cached, prefill_tokens=prompt_tokens - cached,
+        cache_hit_rate=cached / prompt_tokens if prompt_tokens else 0.0,
+        ttft_mean_s=sum(ttfts) / len(ttfts) if ttfts else None,
+        ttft_p50_s=percentile(ttfts, 50), ttft_p90_s=percentile(ttfts, 90), ttft_p99_s=percentile(ttfts, 99),
         itl_p50_s=percentile(itls, 50), itl_p99_s=percentile(itls, 99),
         latency_p50_s=percentile(latencies, 50), latency_p99_s=percentile(latencies, 99),
         errors=errors, config={k: v for k, v in asdict(cfg).items() if k != "api_key"})
@@ -300,9 +374,56 @@ def format_result(r: BenchResult) -> str:
         f"requests/s      : {r.requests_per_s:.2f}",
         f"output tokens/s : {r.output_tokens_per_s:.1f} (mean {r.mean_output_tokens:.1f} per request)",
         f"prompt tokens   : mean {r.mean_prompt_tokens:.1f} per request",
-        f"TTFT            : p50 {ms(r.ttft_p50_s)}, p99 {ms(r.ttft_p99_s)}",
+        (f"prefill tokens  : {r.prefill_tokens} computed, {r.cached_prompt_tokens} of {r.prompt_tokens} "
+         f"from the prefix cache (hit rate {r.cache_hit_rate:.1%})"),
+        f"TTFT            : mean {ms(r.ttft_mean_s)}, p50 {ms(r.ttft_p50_s)}, p90 {ms(r.ttft_p90_s)}, "
+        f"p99 {ms(r.ttft_p99_s)}",
         f"inter-token     : p50 {ms(r.itl_p50_s)}, p99 {ms(r.itl_p99_s)}",
         f"latency         : p50 {ms(r.latency_p50_s)}, p99 {ms(r.latency_p99_s)}",
     ]
+    if r.server_prefix_cache is not None:
+        pc = r.server_prefix_cache
+        lines.append(f"server /metrics : prefix cache {pc['hits']:.0f} of {pc['queries']:.0f} tokens hit "
+                     f"(hit rate {pc['hit_rate']:.1%}) during the run")
     lines += [f"error x{count}: {message}" for message, count in r.errors.items()]
+    return "\n".join(lines)
+
+
+# What the prefix-caching comparison reports, and which direction is better.
+COMPARE_ROWS = (("prefill tokens computed", "prefill_tokens", "count"),
+                ("cached prompt tokens", "cached_prompt_tokens", "count"),
+                ("TTFT mean", "ttft_mean_s", "ms"), ("TTFT p90", "ttft_p90_s", "ms"),
+                ("output tokens/s", "output_tokens_per_s", "rate"),
+                ("$ per 1M output tokens", "usd_per_1m_output_tokens", "usd"))
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def format_comparison(runs: dict[str, list[dict[str, float | None]]]) -> str:
+    """The ``--compare-prefix-caching`` table: per metric, the median over repeats with caching on and off
+    (the min-max spread in brackets when repeated) and the off/on ratio.  ``runs`` maps "on"/"off" to one
+    dict per repeat keyed by the ``COMPARE_ROWS`` fields (a missing or None value prints n/a)."""
+    def show(values: list[float], unit: str) -> str:
+        if not values:
+            return "n/a"
+        scale, fmt = {"ms": (1e3, "{:.1f} ms"), "count": (1, "{:.0f}"), "rate": (1, "{:.1f}"),
+                      "usd": (1, "{:.4g}")}[unit]
+        text = fmt.format(_median(values) * scale)
+        if len(values) > 1:
+            text += f" [{fmt.format(min(values) * scale).split()[0]}-{fmt.format(max(values) * scale).split()[0]}]"
+        return text
+
+    repeats = max(len(runs.get("on", [])), len(runs.get("off", [])))
+    head = f"{'':24} {'caching on':>24} {'caching off':>24} {'off / on':>9}"
+    lines = [f"prefix caching, median of {repeats} run(s) each [min-max]:" if repeats > 1 else
+             "prefix caching:", head]
+    for label, key, unit in COMPARE_ROWS:
+        on = [v[key] for v in runs.get("on", []) if v.get(key) is not None]
+        off = [v[key] for v in runs.get("off", []) if v.get(key) is not None]
+        ratio = (f"{_median(off) / _median(on):.2f}x" if on and off and _median(on) > 0 else "n/a")
+        lines.append(f"{label:24} {show(on, unit):>24} {show(off, unit):>24} {ratio:>9}")
     return "\n".join(lines)

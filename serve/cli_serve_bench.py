@@ -7,6 +7,14 @@ prints requests/s, output tokens/s and TTFT / inter-token / end-to-end p50 and
 p99, and prices ``--requests-per-s`` from the measured tokens/s -- unless more
 than ``--max-failure-rate`` of the requests failed, in which case the numbers
 describe a broken run and the command exits 1 without a price.
+
+``--shared-prefix-tokens N`` gives every prompt the same first N tokens (a
+system prompt); the report then shows prefill tokens computed vs. served from
+the prefix cache (usage and the server's /metrics), and the price uses the
+measured rates.  ``--compare-prefix-caching`` (with ``--checkpoint``) runs the
+same workload against a server with prefix caching on and one with
+``--no-prefix-caching``, ``--repeat`` times each, alternating, and prints the
+medians and their off/on ratios.
 """
 from __future__ import annotations
 
@@ -48,6 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--no-ignore-eos", action="store_true",
                       help="let requests stop at end-of-sequence (default: generate exactly max_tokens)")
     load.add_argument("--seed", type=int, default=0, help="workload mix seed")
+    load.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                      help="every prompt starts with the same N tokens (a system prompt), then its own "
+                           "--prompt-tokens distinct tokens (default 0: nothing shared)")
+    load.add_argument("--warmup-requests", type=int, default=1,
+                      help="untimed requests before the run, sharing no prefix (default 1: a fresh server's "
+                           "first request pays one-time costs)")
+    load.add_argument("--compare-prefix-caching", action="store_true",
+                      help="with --checkpoint: run the workload with prefix caching on and off "
+                           "(--no-prefix-caching) and print both and their ratio")
+    load.add_argument("--repeat", type=int, default=1,
+                      help="with --compare-prefix-caching: runs per setting, alternating on/off; the table "
+                           "shows medians and min-max (default 1)")
     cost = parser.add_argument_group("cost (fed the measured tokens/s)")
     cost.add_argument("--requests-per-s", type=float, default=10.0, help="target traffic to price (default 10)")
     deprecated_alias(cost, "--traffic-rps", "--requests-per-s", "requests_per_s", type=float)
@@ -76,25 +96,94 @@ def _model_config(args: argparse.Namespace) -> Any:
     return ModelConfig.from_name(source)
 
 
+def _price(args: argparse.Namespace, result: Any) -> Any:
+    from tritium.serve.cost import TrafficTarget, estimate_cost
+
+    target = TrafficTarget(
+        requests_per_s=args.requests_per_s, output_tokens_per_request=max(result.mean_output_tokens, 1.0),
+        prompt_tokens_per_request=result.mean_prompt_tokens,
+        cached_prompt_tokens_per_request=min(result.mean_prompt_tokens,
+                                             result.cached_prompt_tokens / max(result.completed, 1)),
+        latency_s=args.latency_s,
+        ttft_p99_s=args.ttft_target_ms / 1e3 if args.ttft_target_ms else None,
+        itl_p99_s=args.itl_target_ms / 1e3 if args.itl_target_ms else None,
+        gpu_hour_usd=args.gpu_hour_price, gpus_per_replica=args.gpus_per_replica)
+    return target, estimate_cost(result.output_tokens_per_s, target, result.ttft_p99_s, result.itl_p99_s,
+                                 model_config=_model_config(args), measured_latency_p99_s=result.latency_p99_s)
+
+
+def _bench_once(args: argparse.Namespace, cfg: Any, server_args: list[str], api_key: str | None) -> Any:
+    from tritium.bench.serve_load import run_bench, spawn_server, stop_server
+
+    proc = None
+    if args.checkpoint:
+        proc, cfg.url = spawn_server(args.checkpoint, server_args, api_key=api_key)
+    try:
+        return run_bench(cfg)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+
+
+def _compare(args: argparse.Namespace, cfg: Any, api_key: str | None) -> int:
+    """Prefix caching on vs. off on the same workload, each setting on a fresh server, alternating."""
+    from tritium.bench.serve_load import format_comparison, format_result
+
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    results: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    refused = []
+    for i in range(args.repeat):
+        # alternate which setting goes first, so a drift of the machine does not favour one
+        for setting in (("on", "off") if i % 2 == 0 else ("off", "on")):
+            extra = [*args.server_arg, *(["--no-prefix-caching"] if setting == "off" else [])]
+            result = _bench_once(args, cfg, extra, api_key)
+            print(f"--- prefix caching {setting}, run {i + 1}/{args.repeat}\n{format_result(result)}", flush=True)
+            row = {key: getattr(result, key) for key in
+                   ("prefill_tokens", "cached_prompt_tokens", "ttft_mean_s", "ttft_p90_s", "output_tokens_per_s")}
+            estimate = None
+            if result.completed > 0 and result.failure_rate <= args.max_failure_rate:
+                estimate = _price(args, result)[1]
+                row["usd_per_1m_output_tokens"] = estimate.usd_per_1m_output_tokens_at_capacity
+            else:
+                refused.append(f"caching {setting}, run {i + 1}: {result.failed} of "
+                               f"{result.completed + result.failed} requests failed")
+            runs[setting].append(row)
+            results[setting].append({"bench": result.to_dict(),
+                                     "cost": estimate.to_dict() if estimate is not None else None})
+    print()
+    print(format_comparison(runs))
+    if refused:
+        print("\nnot priced: " + "; ".join(refused))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"compare_prefix_caching": results, "refused": refused or None},
+                                              indent=2) + "\n")
+    return 1 if refused else 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from tritium.bench.serve_load import BenchConfig, format_result, run_bench, spawn_server, stop_server
-    from tritium.serve.cost import TrafficTarget, estimate_cost, format_estimate
+    from tritium.bench.serve_load import BenchConfig, format_result
+    from tritium.serve.cost import format_estimate
 
     if not 0 <= args.max_failure_rate < 1:
         raise ValueError(f"--max-failure-rate must be in [0, 1), got {args.max_failure_rate}")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.repeat > 1 and not args.compare_prefix_caching:
+        raise ValueError("--repeat applies to --compare-prefix-caching; add it, or run serve-bench again")
+    if args.compare_prefix_caching and not args.checkpoint:
+        raise ValueError("--compare-prefix-caching needs --checkpoint (it starts a server with and without "
+                         "prefix caching); against --url, run twice and restart the server with --no-prefix-caching")
+    if args.compare_prefix_caching and "--no-prefix-caching" in args.server_arg:
+        raise ValueError("--compare-prefix-caching sets --no-prefix-caching itself; drop it from --server-arg")
     api_key = args.api_key or os.environ.get("TRITIUM_API_KEY")
     cfg = BenchConfig(url=args.url or "http://127.0.0.1", concurrency=args.concurrency, requests=args.requests,
                       duration_s=args.duration, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
                       model=args.model, api_key=api_key, ignore_eos=not args.no_ignore_eos, chat=args.chat,
-                      seed=args.seed)
-    proc = None
-    if args.checkpoint:
-        proc, cfg.url = spawn_server(args.checkpoint, args.server_arg, api_key=api_key)
-    try:
-        result = run_bench(cfg)
-    finally:
-        if proc is not None:
-            stop_server(proc)
+                      seed=args.seed, shared_prefix_tokens=args.shared_prefix_tokens,
+                      warmup_requests=args.warmup_requests)
+    if args.compare_prefix_caching:
+        return _compare(args, cfg, api_key)
+    result = _bench_once(args, cfg, args.server_arg, api_key)
     print(format_result(result))
     report: dict[str, Any] = {"bench": result.to_dict(), "cost": None}
     priced = result.completed > 0 and result.failure_rate <= args.max_failure_rate
@@ -104,15 +193,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nno cost estimate: {report['refused']}; the measured rate describes a broken run "
               "(see the errors above: prompts longer than the model's context? a wrong --api-key?)")
     else:
-        target = TrafficTarget(
-            requests_per_s=args.requests_per_s, output_tokens_per_request=max(result.mean_output_tokens, 1.0),
-            prompt_tokens_per_request=result.mean_prompt_tokens, latency_s=args.latency_s,
-            ttft_p99_s=args.ttft_target_ms / 1e3 if args.ttft_target_ms else None,
-            itl_p99_s=args.itl_target_ms / 1e3 if args.itl_target_ms else None,
-            gpu_hour_usd=args.gpu_hour_price, gpus_per_replica=args.gpus_per_replica)
-        estimate = estimate_cost(result.output_tokens_per_s, target, result.ttft_p99_s, result.itl_p99_s,
-                                 model_config=_model_config(args), measured_latency_p99_s=result.latency_p99_s)
-        print(f"\ncost at {args.requests_per_s:g} requests/s x {target.output_tokens_per_request:.0f} output tokens:")
+        target, estimate = _price(args, result)
+        print(f"\ncost at {args.requests_per_s:g} requests/s x {target.output_tokens_per_request:.0f} output tokens"
+              f" ({target.prompt_tokens_per_request:.0f} prompt tokens, "
+              f"{target.cached_prompt_tokens_per_request:.0f} of them cached):")
         print(format_estimate(estimate))
         report["cost"] = estimate.to_dict()
     if args.json:

@@ -24,6 +24,8 @@ class TrafficTarget:
     requests_per_s: float = 10.0  # sustained request rate to serve
     output_tokens_per_request: float = 256.0  # mean generated tokens per request
     prompt_tokens_per_request: float = 512.0  # mean prompt tokens per request (reported, and for the model side)
+    # of those, served from the prefix cache (measured by serve-bench): the model side prefills only the rest
+    cached_prompt_tokens_per_request: float = 0.0
     latency_s: float = 10.0  # end-to-end latency target per request (sizing's Little's-law input)
     ttft_p99_s: float | None = None  # latency target: 99th percentile time to first token, seconds
     itl_p99_s: float | None = None  # latency target: 99th percentile inter-token latency, seconds
@@ -38,6 +40,9 @@ class TrafficTarget:
         if self.prompt_tokens_per_request < 0:
             raise ValueError(f"TrafficTarget.prompt_tokens_per_request must be >= 0, "
                              f"got {self.prompt_tokens_per_request!r}")
+        if not 0 <= self.cached_prompt_tokens_per_request <= self.prompt_tokens_per_request:
+            raise ValueError(f"TrafficTarget.cached_prompt_tokens_per_request must be in [0, prompt_tokens_per_request"
+                             f"={self.prompt_tokens_per_request!r}], got {self.cached_prompt_tokens_per_request!r}")
         for name in ("ttft_p99_s", "itl_p99_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -123,7 +128,8 @@ def model_side_estimate(model_config: Any, target: TrafficTarget,
 
     None when the sizing module is unavailable.  The measured rate is per
     replica; sizing wants it per GPU.  Prefill is left to sizing's roofline
-    (the measured decode rate already paid for the prefills it ran alongside).
+    (the measured decode rate already paid for the prefills it ran alongside), and it prefills only the
+    prompt tokens the prefix cache did not serve (``cached_prompt_tokens_per_request``, measured).
     """
     try:
         from tritium.model.sizing import inference_cost
@@ -133,7 +139,8 @@ def model_side_estimate(model_config: Any, target: TrafficTarget,
                if measured_output_tokens_per_s else None)
     try:
         result = inference_cost(model_config, requests_per_s=target.requests_per_s,
-                                prompt_tokens=int(target.prompt_tokens_per_request),
+                                prompt_tokens=int(round(target.prompt_tokens_per_request
+                                                        - target.cached_prompt_tokens_per_request)),
                                 output_tokens=max(1, int(target.output_tokens_per_request)),
                                 latency_s=target.latency_s, tokens_per_s_per_gpu=per_gpu,
                                 gpu_hour_price=target.gpu_hour_usd)

@@ -109,3 +109,71 @@ def test_bench_sends_the_api_key(monkeypatch):
         unkeyed = run_bench(BenchConfig(url=srv.url, model="tritium", **cfg_kwargs))
     assert keyed.completed == 2 and keyed.failed == 0, keyed.errors
     assert unkeyed.completed == 0 and unkeyed.failure_rate == 1.0
+
+
+def test_shared_prefix_workload_shares_exactly_n_tokens():
+    cfg = BenchConfig(url="http://127.0.0.1:1", requests=12, prompt_tokens=(5, 9), max_tokens=(2,),
+                      shared_prefix_tokens=37, seed=4)
+    work = make_workload(cfg)
+    prefix = work[0][0][:37]
+    assert all(p[:37] == prefix and len(p) in (37 + 5, 37 + 9) for p, _ in work)
+    suffixes = {tuple(p[37:]) for p, _ in work}
+    assert len(suffixes) == len(work)  # each request's own tokens differ
+    # the per-request part is the same draw as without a prefix, so the two workloads compare like for like
+    plain = make_workload(BenchConfig(url=cfg.url, requests=12, prompt_tokens=(5, 9), max_tokens=(2,), seed=4))
+    assert [p[37:] for p, _ in work] == [p for p, _ in plain]
+    chat = make_workload(BenchConfig(url=cfg.url, requests=3, prompt_tokens=(4,), shared_prefix_tokens=6, chat=True))
+    assert len({p.split()[:6].__repr__() for p, _ in chat}) == 1 and all(len(p.split()) == 10 for p, _ in chat)
+    with pytest.raises(ValueError, match="--shared-prefix-tokens"):
+        BenchConfig(url=cfg.url, shared_prefix_tokens=-1)
+
+
+def test_prefix_cache_numbers_match_server_metrics():
+    """A 48-token shared prefix (3 full blocks of 16): the report's cached/prefill tokens (from usage) equal the
+    server's /metrics counters over the run, and later requests really hit the cache."""
+    import httpx
+    from serve_harness import metric_value
+
+    cfg = BenchConfig(url="", concurrency=2, requests=6, prompt_tokens=(5,), max_tokens=(2,),
+                      shared_prefix_tokens=48, seed=2)
+    with running_server() as srv:
+        cfg.url = srv.url
+        warm = run_bench(BenchConfig(url=srv.url, requests=1, prompt_tokens=(3,), max_tokens=(2,)))
+        result = run_bench(cfg)
+        text = httpx.get(f"{srv.url}/metrics").text
+    assert result.completed == 6 and result.failed == 0, result.errors
+    assert result.prompt_tokens == 6 * 53
+    assert result.cached_prompt_tokens >= 4 * 48  # at most the two first concurrent requests miss
+    assert result.prefill_tokens == result.prompt_tokens - result.cached_prompt_tokens
+    assert result.cache_hit_rate == pytest.approx(result.cached_prompt_tokens / result.prompt_tokens)
+    pc = result.server_prefix_cache
+    assert pc["hits"] == result.cached_prompt_tokens and pc["queries"] == result.prompt_tokens
+    assert pc["hits"] + warm.cached_prompt_tokens == metric_value(text, "tritium_prefix_cache_hits")
+    assert result.ttft_p50_s <= result.ttft_p90_s <= result.ttft_p99_s and result.ttft_mean_s > 0
+
+
+def test_cli_compare_prefix_caching_runs_both(tmp_path, capsys):
+    from tritium.cli import main
+    from tritium.model.checkpoint import save_pretrained
+
+    ckpt = tmp_path / "final"
+    save_pretrained(tiny_model(), ckpt)
+    tiny_tokenizer().save(ckpt)
+    out = tmp_path / "compare.json"
+    code = main(["serve-bench", "--checkpoint", str(ckpt), "--requests", "4", "--concurrency", "1",
+                 "--shared-prefix-tokens", "32", "--prompt-tokens", "4", "--max-tokens", "2",
+                 "--compare-prefix-caching", "--json", str(out), "--server-arg=--device=cpu",
+                 "--server-arg=--block-size=16"])
+    assert code == 0
+    report = json.loads(out.read_text())["compare_prefix_caching"]
+    on, off = report["on"][0]["bench"], report["off"][0]["bench"]
+    assert on["completed"] == off["completed"] == 4 and on["prompt_tokens"] == off["prompt_tokens"] == 4 * 36
+    assert on["cached_prompt_tokens"] == 3 * 32 and on["server_prefix_cache"]["hits"] == 3 * 32  # one at a time
+    assert off["cached_prompt_tokens"] == 0 and off["prefill_tokens"] == 4 * 36
+    assert report["on"][0]["cost"]["usd_per_1m_output_tokens_at_capacity"] > 0
+    printed = capsys.readouterr().out
+    assert "prefill tokens computed" in printed and "caching off" in printed
+    ratio_line = next(line for line in printed.splitlines() if line.startswith("prefill tokens computed"))
+    assert ratio_line.split()[-1] == f"{(4 * 36) / (4 * 36 - 96):.2f}x"
+    assert main(["serve-bench", "--url", "http://127.0.0.1:1", "--compare-prefix-caching"]) != 0
+    assert "--compare-prefix-caching needs --checkpoint" in capsys.readouterr().err
