@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import textwrap
 
 import pytest
@@ -20,6 +19,7 @@ from tritium.align.grpo import (
     score_completions,
 )
 from tritium.model.config import ModelConfig
+from tritium.net import free_port
 
 TOY_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=128, vocab_size=2048,
                  max_seq_len=128, tie_embeddings=True, backend="sdpa")
@@ -146,11 +146,6 @@ def test_builtin_rewards_and_fields():
 
 
 # ------------------------------------------------------------------- training: 2 ranks, ZeRO-3
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _toy_checkpoint(path, tokenizer_dir) -> str:
     from tritium.model.tokenizer import Tokenizer
@@ -218,7 +213,7 @@ def _zero3_worker(rank: int, world: int, port: int, out_dir: str, checkpoint: st
 def test_two_rank_zero3_reward_rises_and_engine_matches_policy(tmp_path, tiny_tokenizer_dir):
     (tmp_path / "toy_rewards_b.py").write_text(TOY_REWARDS)
     checkpoint = _toy_checkpoint(tmp_path / "ckpt", tiny_tokenizer_dir)
-    mp.start_processes(_zero3_worker, args=(2, _free_port(), str(tmp_path), checkpoint), nprocs=2, join=True,
+    mp.start_processes(_zero3_worker, args=(2, free_port(), str(tmp_path), checkpoint), nprocs=2, join=True,
                        start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     rewards = ranks[0]["rewards"]

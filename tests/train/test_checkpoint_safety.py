@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tritium.net import free_port
 
 MODEL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, ffn_hidden=48, vocab_size=64,
              max_seq_len=16)
@@ -144,15 +145,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_malicious_checkpoint_refused_and_full_disk_keeps_last_checkpoint(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True, start_method="spawn")
 
 
 def test_write_error_names_path_and_reason():

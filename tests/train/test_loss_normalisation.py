@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tritium.net import free_port
 
 MODEL = dict(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden=96,
              vocab_size=128, max_seq_len=64, tie_embeddings=False)
@@ -124,11 +125,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _reference(kind: str) -> tuple[float, dict[str, torch.Tensor]]:
     """Full-batch fp32 reference with plain PyTorch: mean NLL over all 27 targets and its gradient."""
@@ -172,7 +168,7 @@ def test_objectives_sum_and_count_the_targets():
 @pytest.mark.slow
 def test_gradient_is_independent_of_micro_batch_and_rank_split(tmp_path):
     for world in (1, 2):
-        mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True,
                            start_method="spawn")
     results = {**json.loads((tmp_path / "world1.json").read_text()),
                **json.loads((tmp_path / "world2.json").read_text())}

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tritium.net import free_port
 
 GLOBAL_BATCH = 4
 MICRO = 2  # per rank: 2 ranks x 2 = the global batch, no accumulation
@@ -70,11 +71,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _torch_reference() -> list[float]:
     """The same steps in one process, torch backend, full global batch, plain AdamW."""
@@ -102,7 +98,7 @@ def _torch_reference() -> list[float]:
 
 @pytest.mark.slow
 def test_zero3_two_ranks_run_the_triton_loss_and_norm(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, got in enumerate(ranks):
         launches = got["launches"]
