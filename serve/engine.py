@@ -265,6 +265,7 @@ class LLMEngine:
         self._aborted.clear()
         plan = self.scheduler.schedule()
         sampled: list[tuple[_Request, torch.Tensor]] = []
+        scheduled = plan.decodes + [r for r, _ in plan.prefills]  # before speculation splits the decodes
         try:
             if plan.decodes and self.speculative is not None:
                 plan.decodes, verify = self.speculative.engine_split(self, plan.decodes)
@@ -288,8 +289,9 @@ class LLMEngine:
             self.last_step_error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            for request in dict.fromkeys(plan.decodes + [r for r, _ in plan.prefills]):
-                outputs.append(self._fail(request, f"the batched forward pass failed: {self.last_step_error}"))
+            for request in dict.fromkeys(scheduled):
+                if not request.state.finished:
+                    outputs.append(self._fail(request, f"the batched forward pass failed: {self.last_step_error}"))
             return outputs
         self.consecutive_step_errors = 0
         self._counters["num_steps"] += 1
