@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from tritium.align.data import read_jsonl
 from tritium.align.sft import IGNORE_INDEX
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -309,30 +310,28 @@ def embedded_prompts(seed: int = 0, per_task: int = 1200, split: str = "train") 
             for ex in make_splits(seed=seed, per_task=per_task)[split]]
 
 
-def load_prompt_jsonl(path: str | Path) -> list[PromptRecord]:
-    """JSONL of ``{"prompt": str, ...fields}`` or ``{"messages": [...], ...fields}``; fields go to the rewards."""
+def parse_prompt_record(obj: Any) -> PromptRecord:
+    """One prompt line: ``{"prompt": str, ...fields}`` or ``{"messages": [...], ...fields}``."""
     from tritium.model.chat import validate_messages
 
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"--data {path}:{number}: not JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"--data {path}:{number}: expected a JSON object")
-            if "messages" in row:
-                messages = validate_messages(row.pop("messages"))
-                if messages[-1]["role"] != "user":
-                    raise ValueError(f"--data {path}:{number}: 'messages' must end with a user turn")
-            elif isinstance(row.get("prompt"), str):
-                messages = [{"role": "user", "content": row.pop("prompt")}]
-            else:
-                raise ValueError(f"--data {path}:{number}: needs a 'prompt' string or a 'messages' list")
-            records.append(PromptRecord(messages, row))
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    row = dict(obj)
+    if "messages" in row:
+        messages = validate_messages(row.pop("messages"))
+        if messages[-1]["role"] != "user":
+            raise ValueError("'messages' must end with a user turn")
+    elif isinstance(row.get("prompt"), str):
+        messages = [{"role": "user", "content": row.pop("prompt")}]
+    else:
+        raise ValueError("needs a 'prompt' string or a 'messages' list")
+    return PromptRecord(messages, row)
+
+
+def load_prompt_jsonl(path: str | Path) -> list[PromptRecord]:
+    """JSONL of ``{"prompt": str, ...fields}`` or ``{"messages": [...], ...fields}``; fields go to the rewards.
+    Read by ``align.data.read_jsonl`` (errors name the file and line)."""
+    records, _ = read_jsonl(path, parse_prompt_record)
     if not records:
         raise ValueError(f"--data {path}: no prompts")
     return records

@@ -258,3 +258,24 @@ def test_cli_grpo_then_align_eval_row(tmp_path, tiny_tokenizer_dir, monkeypatch,
     rows = json.loads((tmp_path / "eval" / "align_eval.json").read_text())
     assert [r["label"] for r in rows] == ["sft", "grpo"]
     assert "| grpo |" in (tmp_path / "eval" / "table.md").read_text()
+
+
+def test_prompt_jsonl_keeps_fields_and_names_bad_lines(tmp_path):
+    from tritium.align.grpo import load_prompt_jsonl
+
+    good = tmp_path / "prompts.jsonl"
+    good.write_text('{"prompt": "add: 1 + 2", "answer": "3"}\n\n'
+                    '{"messages": [{"role": "user", "content": "hi"}], "k": 1}\n')
+    records = load_prompt_jsonl(good)
+    assert [r.messages[-1]["content"] for r in records] == ["add: 1 + 2", "hi"]
+    assert records[0].fields == {"answer": "3"} and records[1].fields == {"k": 1}
+    for line, reason in (('{"prompt": 3}', "needs a 'prompt'"), ("[1]", "expected a JSON object"),
+                         ("{bad", "invalid JSON"),
+                         ('{"messages": [{"role": "assistant", "content": "x"}]}', "user turn")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "ok"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=rf"bad.jsonl:2: .*{reason}"):
+            load_prompt_jsonl(bad)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompt_jsonl(tmp_path / "empty.jsonl")
