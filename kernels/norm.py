@@ -31,6 +31,21 @@ from tritium.kernels._runtime import (
 # 1. Triton kernels
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _load_sum(x_ptrs, r_ptrs, new_r_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
+    """Load x in fp32; with HAS_RESIDUAL, x + r rounded to the residual's dtype and stored as the new residual.
+
+    The rounding before normalizing is what HF's ``residual + hidden_states`` does in the input dtype.
+    """
+    s = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        s_rounded = (s + r).to(new_r_ptrs.dtype.element_ty)
+        tl.store(new_r_ptrs, s_rounded, mask=mask)
+        s = s_rounded.to(tl.float32)
+    return s
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(X, R, W, Y, NEW_R, RSTD,
                          stride_x, stride_r, stride_y, stride_nr,
                          N, eps,
@@ -52,12 +67,7 @@ def _rms_norm_fwd_kernel(X, R, W, Y, NEW_R, RSTD,
     nr_row = NEW_R + row * stride_nr
     if SINGLE_BLOCK:
         mask = cols < N
-        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
-            s_rounded = (s + r).to(NEW_R.dtype.element_ty)
-            tl.store(nr_row + cols, s_rounded, mask=mask)
-            s = s_rounded.to(tl.float32)
+        s = _load_sum(x_row + cols, r_row + cols, nr_row + cols, mask, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(s * s, axis=0) / N + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         x_hat = (s * rstd).to(X.dtype.element_ty).to(tl.float32)
@@ -67,12 +77,7 @@ def _rms_norm_fwd_kernel(X, R, W, Y, NEW_R, RSTD,
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = c < N
-            s = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
-                s_rounded = (s + r).to(NEW_R.dtype.element_ty)
-                tl.store(nr_row + c, s_rounded, mask=mask)
-                s = s_rounded.to(tl.float32)
+            s = _load_sum(x_row + c, r_row + c, nr_row + c, mask, HAS_RESIDUAL)
             sum_sq += s * s
         rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / N + eps)
         for start in range(0, N, BLOCK_N):

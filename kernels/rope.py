@@ -25,6 +25,20 @@ from tritium.kernels._runtime import FLOAT_DTYPES, can_use_triton, check_tensor,
 # 1. Triton kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _rotate_heads(X, XO, stride_h, stride_oh, num_heads, d, d_mask, c1, c2, a, bb,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate the heads of one token: X/XO point at its first head, halves (x1, x2) at d and HALF + d."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    mask = (h < num_heads) & d_mask[None, :]
+    x_ptr = X + h * stride_h + d[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    out_ptr = XO + h * stride_oh + d[None, :]
+    tl.store(out_ptr, (x1 * c1 - x2 * a).to(XO.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + HALF, (x2 * c2 + x1 * bb).to(XO.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(Q, K, COS, SIN, POS, QO, KO,
                  T, num_q_heads, num_kv_heads,
                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
@@ -68,23 +82,10 @@ def _rope_kernel(Q, K, COS, SIN, POS, QO, KO,
     c1 = c1[None, :]
     c2 = c2[None, :]
 
-    hq = tl.arange(0, BLOCK_HQ)[:, None]
-    q_mask = (hq < num_q_heads) & d_mask[None, :]
-    q_ptr = Q + b * stride_qb + t * stride_qt + hq * stride_qh + d[None, :]
-    q1 = tl.load(q_ptr, mask=q_mask, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptr + HALF, mask=q_mask, other=0.0).to(tl.float32)
-    qo_ptr = QO + b * stride_qob + t * stride_qot + hq * stride_qoh + d[None, :]
-    tl.store(qo_ptr, (q1 * c1 - q2 * a).to(QO.dtype.element_ty), mask=q_mask)
-    tl.store(qo_ptr + HALF, (q2 * c2 + q1 * bb).to(QO.dtype.element_ty), mask=q_mask)
-
-    hk = tl.arange(0, BLOCK_HKV)[:, None]
-    k_mask = (hk < num_kv_heads) & d_mask[None, :]
-    k_ptr = K + b * stride_kb + t * stride_kt + hk * stride_kh + d[None, :]
-    k1 = tl.load(k_ptr, mask=k_mask, other=0.0).to(tl.float32)
-    k2 = tl.load(k_ptr + HALF, mask=k_mask, other=0.0).to(tl.float32)
-    ko_ptr = KO + b * stride_kob + t * stride_kot + hk * stride_koh + d[None, :]
-    tl.store(ko_ptr, (k1 * c1 - k2 * a).to(KO.dtype.element_ty), mask=k_mask)
-    tl.store(ko_ptr + HALF, (k2 * c2 + k1 * bb).to(KO.dtype.element_ty), mask=k_mask)
+    _rotate_heads(Q + b * stride_qb + t * stride_qt, QO + b * stride_qob + t * stride_qot, stride_qh, stride_qoh,
+                  num_q_heads, d, d_mask, c1, c2, a, bb, HALF, BLOCK_HQ)
+    _rotate_heads(K + b * stride_kb + t * stride_kt, KO + b * stride_kob + t * stride_kot, stride_kh, stride_koh,
+                  num_kv_heads, d, d_mask, c1, c2, a, bb, HALF, BLOCK_HKV)
 
 
 # --------------------------------------------------------------------------------------------------
