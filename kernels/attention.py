@@ -282,6 +282,34 @@ def _interior_query_tiles(lo, hi, col0, seqlen_q, diag, window_left, window_righ
 
 
 @triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, rows, cols, seqlen_q, seqlen_k, diag,
+                       window_left, window_right, score_scale, softcap_log2,
+                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Backward tile math shared by the dK/dV and dQ passes (FlashAttention-2, Dao 2023, Alg. 2).
+
+    Recomputes P = exp(S - lse) from the forward's log-sum-exp and returns (P, dS) with
+    dS = P * (dO V^T - delta), times the softcap's tanh derivative when HAS_SOFTCAP.
+    lse = +inf on rows without keys makes P = 0 there.
+    """
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        t = _tanh(qk * score_scale)
+        s = t * softcap_log2
+    else:
+        s = qk * score_scale
+    p = tl.math.exp2(s - lse[:, None] * _LOG2E)
+    if MASKED:
+        allowed = _allowed(rows, cols, seqlen_q, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        p = tl.where(allowed, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
+@triton.jit
 def _attn_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
                          offs_m, offs_n, offs_d, d_mask, seqlen_q, seqlen_k, diag, window_left, window_right,
                          score_scale, softcap_log2, tile_lo, tile_hi,
@@ -301,23 +329,10 @@ def _attn_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
         else:
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:
-            t = _tanh(qk * score_scale)
-            s = t * softcap_log2
-        else:
-            s = qk * score_scale
-        # lse = +inf on rows without keys makes p = 0 there.
-        p = tl.math.exp2(s - lse[:, None] * _LOG2E)
-        if MASKED:
-            allowed = _allowed(rows, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
-                               HAS_LEFT, HAS_RIGHT)
-            p = tl.where(allowed, p, 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, rows, offs_n, seqlen_q, seqlen_k, diag,
+                                   window_left, window_right, score_scale, softcap_log2,
+                                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -408,21 +423,9 @@ def _attn_bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
                        MASKED, EVEN_D)
         v = _load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, seqlen_k, d_mask,
                        MASKED, EVEN_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:
-            t = _tanh(qk * score_scale)
-            s = t * softcap_log2
-        else:
-            s = qk * score_scale
-        p = tl.math.exp2(s - lse[:, None] * _LOG2E)
-        if MASKED:
-            allowed = _allowed(rows, cols, seqlen_q, seqlen_k, diag, window_left, window_right,
-                               HAS_LEFT, HAS_RIGHT)
-            p = tl.where(allowed, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, rows, cols, seqlen_q, seqlen_k, diag,
+                                   window_left, window_right, score_scale, softcap_log2,
+                                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
