@@ -157,7 +157,7 @@ def model_side_estimate(model_config: Any, target: TrafficTarget,
         return {"error": f"inference_cost could not price this config: {exc}"}
     result = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     if per_gpu is not None:
-        result["notes"] = [n for n in result.get("notes", []) if "roofline" not in n] + [
+        result["notes"] = [n for n in result.get("notes", []) if "roofline estimate" not in n] + [
             ("decode tokens/s is the measured rate; the prefill rate is sizing's roofline estimate (the measured "
              "rate already paid for the prefills that ran alongside decoding)")]
     return result

@@ -34,6 +34,9 @@ def test_sizing_model_sees_the_degree():
     assert model["all_reduce_bytes_per_token_per_gpu"] == 2 * 4 * 192 * 2  # bf16: 2 per block x L x h x 2 B
     text = format_estimate(est)
     assert "tensor_parallel: 2" in text and "all_reduce_bytes_per_token_per_gpu: 3,072" in text
+    # the interconnect the measured rate needs: 3072 B x 80 tokens/s per replica
+    assert f"{3072 * 80 / 1e9:,.1f} GB/s at the decode rate" in text
+    assert not any("H100-class" in note for note in model["notes"])  # the measured rate replaced the estimate
 
 
 def test_target_and_flags_are_checked():
