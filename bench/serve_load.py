@@ -317,14 +317,25 @@ def run_bench(cfg: BenchConfig) -> BenchResult:
 
 
 # ---------------------------------------------------------------------- spawning a server
+def serve_command(checkpoint: str, port: int, extra_args: list[str] | None = None,
+                  tensor_parallel: int = 1) -> list[str]:
+    """The ``tritium serve`` command line ``spawn_server`` runs (``--tensor-parallel N`` only when N > 1,
+    so a plain server's command stays the one-device one)."""
+    if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
+    return [sys.executable, "-m", "tritium", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+            "--port", str(port), "--log-level", "warning",
+            *(["--tensor-parallel", str(tensor_parallel)] if tensor_parallel > 1 else []), *(extra_args or [])]
+
+
 def spawn_server(checkpoint: str, extra_args: list[str] | None = None, api_key: str | None = None,
-                 startup_timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``tritium serve`` on a free loopback port; returns (process, base URL) once /ready answers."""
+                 startup_timeout_s: float = 120.0, tensor_parallel: int = 1) -> tuple[subprocess.Popen, str]:
+    """Start ``tritium serve`` (over ``tensor_parallel`` ranks) on a free loopback port; returns
+    (process, base URL) once /ready answers."""
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "tritium", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", *(extra_args or [])]
+    cmd = serve_command(checkpoint, port, extra_args, tensor_parallel)
     env = dict(os.environ)
     if api_key:
         env["TRITIUM_API_KEY"] = api_key

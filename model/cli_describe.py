@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="kernel backend the run uses; activations are counted exactly for triton "
                             "(default), other backends are marked not covered")
 
+    serving = parser.add_argument_group("tensor-parallel inference")
+    serving.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                         help="GPUs one replica is split over, as in tritium generate/serve: adds memory per GPU "
+                              "and all-reduce bytes per token; --cost counts a replica as N GPUs (default: "
+                              "not shown, a replica is the GPUs its weights need)")
+
     cost = parser.add_argument_group("serving cost (with --cost)")
     cost.add_argument("--cost", action="store_true", help="add the inference cost estimate")
     cost.add_argument("--requests-per-s", type=float, default=10.0, help="traffic (default 10)")
@@ -105,6 +111,8 @@ def _validate(args: argparse.Namespace) -> None:
     for flag, value in (("--gpus", args.gpus), ("--micro-batch", args.micro_batch), ("--seq-len", args.seq_len)):
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.tensor_parallel is not None and args.tensor_parallel <= 0:
+        raise ValueError(f"--tensor-parallel must be a positive integer, got {args.tensor_parallel}")
     from tritium.model.backends import parse_backend
 
     try:
@@ -119,13 +127,13 @@ def run(args: argparse.Namespace) -> int:
     report = sizing.describe(cfg, num_gpus=args.gpus, precision=args.precision, micro_batch=args.micro_batch,
                              seq_len=args.seq_len, offload=args.offload, offload_device=args.offload_device,
                              checkpointing=args.gradient_checkpointing, backend=args.backend,
-                             gpu_memory_gb=args.gpu_memory_gb)
+                             gpu_memory_gb=args.gpu_memory_gb, tensor_parallel=args.tensor_parallel)
     cost = None
     if args.cost:
         cost = sizing.inference_cost(
             cfg, args.requests_per_s, args.prompt_tokens, args.max_tokens, args.latency_s,
             args.tokens_per_s_per_gpu, args.gpu_hour_price, precision=args.precision,
-            gpu_memory_gb=args.gpu_memory_gb)
+            gpu_memory_gb=args.gpu_memory_gb, tensor_parallel=args.tensor_parallel or 1)
         report["inference_cost"] = cost.to_dict()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -220,6 +228,23 @@ def print_report(cfg: Any, report: dict[str, Any], cost: Any = None, gpu_memory_
                   f"({_gib(kv['bytes_per_token'])}); full context of {kv['max_seq_len']} tokens: "
                   f"{_gib(kv['bytes_full_context'])} per sequence")
 
+    tp = report.get("tensor_parallel")
+    if tp is not None:
+        t = tp["tensor_parallel"]
+        replicated = (f", each replicated on {tp['kv_replication']} GPUs" if tp["kv_replication"] > 1 else "")
+        console.print(f"Tensor parallel over {t} GPU{'s' if t != 1 else ''} ({tp['precision']}, embedding and LM "
+                      f"head {'split by vocabulary' if tp['vocab_parallel'] else 'replicated'}): per GPU "
+                      f"{_gib(tp['weight_bytes_per_rank'])} of weights, KV cache "
+                      f"{tp['kv_cache_bytes_per_token_per_rank']:,} bytes/token ({tp['kv_heads_per_rank']} of "
+                      f"{cfg.num_kv_heads} KV heads{replicated})")
+        if t > 1:
+            console.print(f"all-reduce per token: 2 x {cfg.num_layers} layers x {cfg.hidden_size} hidden x "
+                          f"{PRECISION_BYTES[tp['precision']]} bytes = {tp['all_reduce_payload_bytes_per_token']:,} "
+                          f"bytes ({_gib(tp['all_reduce_payload_bytes_per_token'])}) summed; each GPU sends "
+                          f"2*(t-1)/t of it = {tp['all_reduce_bytes_sent_per_token_per_rank']:,.0f} bytes (ring); "
+                          f"{tp['all_reduces_per_step']} all-reduces per forward step; a decode step of B "
+                          "sequences moves B times this")
+
     if cost is not None:
         table = Table(title=f"Serving {cost.requests_per_s:g} req/s x ({cost.prompt_tokens} prompt + "
                             f"{cost.output_tokens} output tokens) within {cost.latency_s:g} s")
@@ -231,6 +256,10 @@ def print_report(cfg: Any, report: dict[str, Any], cost: Any = None, gpu_memory_
             ("prefill tokens/s per GPU" + " (estimated)" * cost.prefill_estimated,
              f"{cost.prefill_tokens_per_s_per_gpu:,.0f}"),
             ("GPUs per replica", f"{cost.gpus_per_replica}"),
+            *([("all-reduce bytes/token per GPU", f"{cost.all_reduce_bytes_per_token_per_gpu:,.0f}"),
+               ("interconnect GB/s per GPU, decode", f"{cost.interconnect_gbs_per_gpu_decode:,.1f}"),
+               ("interconnect GB/s per GPU, prefill", f"{cost.interconnect_gbs_per_gpu_prefill:,.1f}")]
+              if cost.tensor_parallel > 1 else []),
             ("requests in flight", f"{cost.concurrent_requests:,.1f}"),
             ("GPUs for compute", f"{cost.gpus_for_compute:,.2f}"),
             ("GPUs for KV memory", f"{cost.gpus_for_memory}"),

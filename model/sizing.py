@@ -34,6 +34,11 @@ transients (``transient_bytes``).  ``TrainingMemory.peak`` combines them moment 
 ``SAFETY_FRACTION`` margin covers fragmentation and the CUDA context.
 
 KV cache: ``2 (K and V) * L * num_kv_heads * head_dim * bytes`` per token.
+
+Tensor-parallel inference over t GPUs (Megatron-LM, Shoeybi et al. 2019, section 3;
+``tensor_parallel_sizing``): heads and FFN columns split, KV heads replicated when fewer than t,
+two all-reduces of the hidden state per block, i.e. ``2*L*h*bytes`` per token, of which a ring
+all-reduce sends ``2*(t-1)/t`` times that from every rank.
 """
 from __future__ import annotations
 
@@ -60,6 +65,13 @@ def _precision_bytes(precision: str) -> int:
     if precision not in PRECISION_BYTES:
         raise ValueError(f"precision must be one of {list(PRECISION_BYTES)}, got {precision!r}")
     return PRECISION_BYTES[precision]
+
+
+def _bytes_text(n: float) -> str:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} B"
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -542,6 +554,110 @@ def kv_cache_bytes(cfg: ModelConfig, seq_len: int | None = None, batch_size: int
     return kv_cache_bytes_per_token(cfg, precision) * seq_len * batch_size
 
 
+# ---------------------------------------------------------------------------- tensor-parallel inference
+# Megatron-LM (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language Models Using
+# Model Parallelism", section 3): q/k/v and gate/up column-parallel, o and down row-parallel, so each
+# block needs exactly one all-reduce of the hidden state after attention and one after the FFN.
+ALL_REDUCES_PER_BLOCK = 2
+
+
+def check_tensor_parallel(cfg: ModelConfig, tensor_parallel: int) -> None:
+    """Raise ``ValueError`` (naming ``tensor_parallel``) unless ``cfg`` splits over ``tensor_parallel`` ranks.
+
+    Each rank must hold whole attention heads (``num_heads % t == 0``), whole KV heads or a replica of
+    one (``num_kv_heads % t == 0``, or ``t % num_kv_heads == 0`` when there are fewer KV heads than
+    ranks), and an equal share of the FFN columns (``ffn_hidden % t == 0``)."""
+    t = tensor_parallel
+    if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+        raise ValueError(f"tensor_parallel must be a positive integer, got {t!r}")
+    if cfg.num_heads % t:
+        raise ValueError(f"tensor_parallel={t} must divide num_heads={cfg.num_heads} (each rank holds whole "
+                         "attention heads)")
+    if cfg.num_kv_heads % t and t % cfg.num_kv_heads:
+        raise ValueError(f"tensor_parallel={t} must divide num_kv_heads={cfg.num_kv_heads}, or be a multiple of "
+                         "it (fewer KV heads than ranks: each KV head is replicated)")
+    if cfg.ffn_hidden % t:
+        raise ValueError(f"tensor_parallel={t} must divide ffn_hidden={cfg.ffn_hidden} (the FFN is split by "
+                         "columns)")
+
+
+@dataclass(frozen=True)
+class TensorParallelSizing:
+    """One replica split over ``tensor_parallel`` GPUs for inference: memory per rank, traffic per token.
+
+    Bytes are per rank (GPU) unless the name says replica; traffic is per token through the forward
+    (a decode step of B sequences moves B times it, a prefill chunk of T tokens T times it)."""
+
+    tensor_parallel: int  # t: GPUs one replica's weights are split over
+    precision: str  # weights, KV cache and activations (the all-reduced hidden state)
+    vocab_parallel: bool  # embedding and LM head split by vocabulary rows; False: replicated on every rank
+    kv_heads_per_rank: int  # num_kv_heads / t, or 1 when num_kv_heads < t
+    kv_replication: int  # ranks holding a copy of each KV head: t / num_kv_heads when num_kv_heads < t, else 1
+    weight_bytes_per_rank: int  # attention/FFN shards + replicated norms (+ embedding/head, whole or a shard)
+    kv_cache_bytes_per_token_per_rank: int  # 2 * L * kv_heads_per_rank * head_dim * bytes
+    all_reduces_per_step: int  # 2*L per forward step, whatever its token count (latency: 2*L round trips)
+    all_reduce_payload_bytes_per_token: int  # 2*L*h*bytes: the hidden state summed twice per block
+    all_reduce_bytes_sent_per_token_per_rank: float  # ring all-reduce: 2*(t-1)/t * payload
+    vocab_bytes_sent_per_token_per_rank: float  # vocab_parallel only: embedding all-reduce + logits all-gather
+
+    @property
+    def weight_bytes_per_replica(self) -> int:
+        return self.tensor_parallel * self.weight_bytes_per_rank
+
+    @property
+    def kv_cache_bytes_per_token_per_replica(self) -> int:
+        return self.tensor_parallel * self.kv_cache_bytes_per_token_per_rank
+
+    @property
+    def bytes_sent_per_token_per_rank(self) -> float:
+        return self.all_reduce_bytes_sent_per_token_per_rank + self.vocab_bytes_sent_per_token_per_rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "weight_bytes_per_replica": self.weight_bytes_per_replica,
+                "kv_cache_bytes_per_token_per_replica": self.kv_cache_bytes_per_token_per_replica,
+                "bytes_sent_per_token_per_rank": self.bytes_sent_per_token_per_rank}
+
+
+def tensor_parallel_sizing(cfg: ModelConfig, tensor_parallel: int, precision: str = "bf16",
+                           vocab_parallel: bool = False) -> TensorParallelSizing:
+    """Per-rank memory and all-reduce traffic of ``cfg`` served with tensor parallelism of degree t.
+
+    Megatron-LM's split (Shoeybi et al. 2019, section 3; ``a`` = bytes of ``precision``)::
+
+        weights/rank  = a * (L*(2*h*q/t + 2*h*kv_r*d + m*h*f/t) + (2L+1)*h + E)
+                        kv_r = KV heads per rank = num_kv_heads/t, or 1 (replicated) when num_kv_heads < t;
+                        m = 3 (swiglu) or 2; norms replicated; E = V*h (+ V*h untied head), or
+                        ceil(V/t)*h each when vocab_parallel
+        KV cache/rank = 2 * L * kv_r * d * a  per token
+        all-reduce    = 2 per block (after o_proj, after down_proj), each of h*a bytes per token:
+                        payload 2*L*h*a per token; a ring all-reduce (reduce-scatter + all-gather) sends
+                        2*(t-1)/t * payload from every rank (Patarasuk & Yuan 2009, bandwidth-optimal)
+
+    ``vocab_parallel`` adds, per token, the embedding's all-reduce (ring: ``2*(t-1)/t*h*a``) and the
+    logits' all-gather (``(t-1)/t*ceil(V/t)*t*a``; decode computes logits for every token, prefill for
+    the last one only).  t = 1 gives the unsplit model and no traffic.  Raises ``ValueError`` (naming
+    ``tensor_parallel``) when the heads or FFN do not split (``check_tensor_parallel``)."""
+    check_tensor_parallel(cfg, tensor_parallel)
+    a = _precision_bytes(precision)
+    t, h, d, f, L, V = (tensor_parallel, cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden, cfg.num_layers,
+                        cfg.vocab_size)
+    kv_r = max(cfg.num_kv_heads // t, 1)
+    ffn_matrices = 3 if cfg.ffn_type == "swiglu" else 2
+    vocab_rows = math.ceil(V / t) if vocab_parallel else V
+    embedding = vocab_rows * h * (1 if cfg.tie_embeddings else 2)
+    per_rank = L * (2 * h * cfg.q_size // t + 2 * h * kv_r * d + ffn_matrices * h * f // t) + (2 * L + 1) * h
+    ring = 2 * (t - 1) / t
+    payload = ALL_REDUCES_PER_BLOCK * L * h * a if t > 1 else 0
+    vocab = (ring * h * a + (t - 1) * vocab_rows * a) if vocab_parallel and t > 1 else 0.0
+    return TensorParallelSizing(
+        tensor_parallel=t, precision=precision, vocab_parallel=vocab_parallel, kv_heads_per_rank=kv_r,
+        kv_replication=max(t // cfg.num_kv_heads, 1), weight_bytes_per_rank=(per_rank + embedding) * a,
+        kv_cache_bytes_per_token_per_rank=2 * L * kv_r * d * a,
+        all_reduces_per_step=ALL_REDUCES_PER_BLOCK * L if t > 1 else 0,
+        all_reduce_payload_bytes_per_token=payload, all_reduce_bytes_sent_per_token_per_rank=ring * payload,
+        vocab_bytes_sent_per_token_per_rank=vocab)
+
+
 # ---------------------------------------------------------------------------- serving cost
 @dataclass(frozen=True)
 class InferenceCost:
@@ -567,6 +683,12 @@ class InferenceCost:
     cost_per_million_tokens: float  # per 1M prompt + output tokens
     cost_per_million_output_tokens: float  # per 1M generated tokens
     notes: list[str] = field(default_factory=list)  # warnings for the reader
+    tensor_parallel: int = 1  # GPUs the weights are split over (Megatron-style); gpus_per_replica >= it
+    # tensor-parallel traffic each GPU sends per token (ring all-reduces; tensor_parallel_sizing), bytes
+    all_reduce_bytes_per_token_per_gpu: float = 0.0
+    # ... times the tokens/s one replica pushes through its forward: interconnect bandwidth each GPU needs
+    interconnect_gbs_per_gpu_decode: float = 0.0  # at the decode rate, GB/s
+    interconnect_gbs_per_gpu_prefill: float = 0.0  # at the prefill rate, GB/s
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -576,11 +698,15 @@ def inference_cost(cfg: ModelConfig, requests_per_s: float, prompt_tokens: int, 
                    latency_s: float, tokens_per_s_per_gpu: float | None = None, gpu_hour_price: float = 2.5,
                    *, prefill_tokens_per_s_per_gpu: float | None = None, precision: str = "bf16",
                    gpu_memory_gb: float = DEFAULT_GPU["memory_gb"], gpu_peak_tflops: float = DEFAULT_GPU[
-                       "peak_tflops"], gpu_bandwidth_gbs: float = DEFAULT_GPU["bandwidth_gbs"]) -> InferenceCost:
+                       "peak_tflops"], gpu_bandwidth_gbs: float = DEFAULT_GPU["bandwidth_gbs"],
+                   tensor_parallel: int = 1) -> InferenceCost:
     """GPUs needed and cost per 1M tokens to serve ``requests_per_s`` within ``latency_s``.
 
     * Replica: the weights (``params * bytes``) must fit in ``USABLE_MEMORY_FRACTION``
-      of GPU memory; otherwise they are split over ``gpus_per_replica`` GPUs.
+      of GPU memory; otherwise they are split over ``gpus_per_replica`` GPUs.  With
+      ``tensor_parallel = t`` a replica is t GPUs (``max(t, what memory needs)``), sized per rank by
+      ``tensor_parallel_sizing`` (replicated norms, KV heads replicated when fewer than t); every
+      per-GPU rate below is per GPU of such a replica, so a replica does ``t`` times it.
     * Compute: ``R*O / decode_tps + R*P / prefill_tps`` GPUs are busy.
       ``tokens_per_s_per_gpu`` is the measured (or assumed) aggregate decode
       rate; when omitted it is a roofline estimate: a batch of ``b`` sequences
@@ -593,6 +719,8 @@ def inference_cost(cfg: ModelConfig, requests_per_s: float, prompt_tokens: int, 
     * Latency: one stream cannot decode faster than the weights can be read
       (batch 1); a target needing more is flagged infeasible.
     * Cost: ``gpus_needed * price`` per hour over ``R * (P + O) * 3600`` tokens.
+    * Interconnect (t > 1): the all-reduce bytes each GPU sends per token times the tokens/s a replica
+      decodes (or prefills); the roofline itself does not charge time for them.
     """
     _positive("requests_per_s", requests_per_s)
     _positive("prompt_tokens", prompt_tokens, allow_zero=True)
@@ -607,15 +735,26 @@ def inference_cost(cfg: ModelConfig, requests_per_s: float, prompt_tokens: int, 
         if value is not None:
             _positive(name, value)
     a = _precision_bytes(precision)
+    tp = tensor_parallel_sizing(cfg, tensor_parallel, precision)
     notes: list[str] = []
     weight_bytes = count_parameters(cfg) * a
+    kv_per_token = kv_cache_bytes_per_token(cfg, precision)
     usable = gpu_memory_gb * 1e9 * USABLE_MEMORY_FRACTION
     gpus_per_replica = max(1, math.ceil(weight_bytes / usable))
+    if tp.weight_bytes_per_rank <= usable:
+        # t ranks, each holding its shard plus what tensor parallelism replicates (t = 1: the whole model)
+        gpus_per_replica = tensor_parallel
+        weight_bytes, kv_per_token = tp.weight_bytes_per_replica, tp.kv_cache_bytes_per_token_per_replica
+    elif tensor_parallel > 1:
+        gpus_per_replica = max(gpus_per_replica, tensor_parallel)
+        notes.append(f"a {_bytes_text(tp.weight_bytes_per_rank)} shard per GPU does not fit at tensor_parallel="
+                     f"{tensor_parallel}; a replica is counted as {gpus_per_replica} GPUs with the weights spread "
+                     "evenly")
     free_per_replica = gpus_per_replica * usable - weight_bytes
     context = prompt_tokens + output_tokens
     if context > cfg.max_seq_len:
         notes.append(f"prompt + output = {context} tokens exceeds max_seq_len={cfg.max_seq_len}")
-    kv_per_request = kv_cache_bytes_per_token(cfg, precision) * context
+    kv_per_request = kv_per_token * context
     max_concurrent = int(free_per_replica // kv_per_request)
     if max_concurrent < 1:
         max_concurrent = 1
@@ -628,7 +767,7 @@ def inference_cost(cfg: ModelConfig, requests_per_s: float, prompt_tokens: int, 
     if decode_estimated:
         batch = min(256, max_concurrent)
         # average sequence is half-way through its output while decoding
-        kv_read = kv_cache_bytes_per_token(cfg, precision) * (prompt_tokens + output_tokens / 2)
+        kv_read = kv_per_token * (prompt_tokens + output_tokens / 2)
         step_s = max((weight_bytes + batch * kv_read) / bandwidth,
                      batch * flops_per_token(cfg, context, training=False) / flops)
         tokens_per_s_per_gpu = batch / step_s / gpus_per_replica
@@ -654,6 +793,13 @@ def inference_cost(cfg: ModelConfig, requests_per_s: float, prompt_tokens: int, 
     cost_per_hour = gpus_needed * gpu_hour_price
     tokens_per_hour = requests_per_s * context * 3600
     output_per_hour = requests_per_s * output_tokens * 3600
+    sent = tp.bytes_sent_per_token_per_rank
+    interconnect_decode = sent * tokens_per_s_per_gpu * gpus_per_replica / 1e9
+    interconnect_prefill = sent * prefill_tokens_per_s_per_gpu * gpus_per_replica / 1e9
+    if tensor_parallel > 1:
+        notes.append(f"tensor parallel over {tensor_parallel} GPUs: each GPU sends {_bytes_text(sent)} per token "
+                     f"in {tp.all_reduces_per_step} all-reduces per step, {interconnect_decode:,.1f} GB/s at the "
+                     f"decode rate and {interconnect_prefill:,.1f} GB/s at the prefill rate (not in the roofline)")
     return InferenceCost(
         requests_per_s=requests_per_s, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         latency_s=latency_s, decode_tokens_per_s_per_gpu=tokens_per_s_per_gpu,
@@ -664,21 +810,27 @@ def inference_cost(cfg: ModelConfig, requests_per_s: float, prompt_tokens: int, 
         latency_feasible=latency_feasible, gpus_for_compute=gpus_compute, gpus_for_memory=gpus_memory,
         gpus_needed=gpus_needed, utilization=gpus_compute / gpus_needed, cost_per_hour=cost_per_hour,
         cost_per_million_tokens=cost_per_hour / tokens_per_hour * 1e6,
-        cost_per_million_output_tokens=cost_per_hour / output_per_hour * 1e6, notes=notes)
+        cost_per_million_output_tokens=cost_per_hour / output_per_hour * 1e6, notes=notes,
+        tensor_parallel=tensor_parallel, all_reduce_bytes_per_token_per_gpu=sent,
+        interconnect_gbs_per_gpu_decode=interconnect_decode, interconnect_gbs_per_gpu_prefill=interconnect_prefill)
 
 
 # ---------------------------------------------------------------------------- everything at once
 def describe(cfg: ModelConfig, *, num_gpus: int = 8, precision: str = "bf16", micro_batch: int = 1,
              seq_len: int | None = None, offload: str = "none", offload_device: str = "cpu",
              checkpointing: bool = False, backend: str = "triton", packed_documents: int | None = None,
-             gpu_memory_gb: float = DEFAULT_GPU["memory_gb"]) -> dict[str, Any]:
+             gpu_memory_gb: float = DEFAULT_GPU["memory_gb"], tensor_parallel: int | None = None) -> dict[str, Any]:
     """All of the above as one JSON-ready dict (what ``tritium describe --json`` prints, minus cost).
+
+    With ``tensor_parallel`` (``describe --tensor-parallel N``) it adds ``tensor_parallel``:
+    ``tensor_parallel_sizing(...).to_dict()`` -- inference memory per GPU and all-reduce bytes per token.
 
     ``training_memory.stages`` holds every ZeRO stage the offload setting allows (parameter offload
     needs stage 3, optimizer offload stage >= 1) as ``TrainingMemory.to_dict()``, plus the same run
     with activation checkpointing under ``ckpt``; ``fits`` compares ``peak_with_margin`` with
     ``gpu_memory_gb``."""
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    tp = None if tensor_parallel is None else tensor_parallel_sizing(cfg, tensor_parallel, precision)
     params = parameter_breakdown(cfg)
     stages: dict[str, Any] = {}
     for stage in ZERO_STAGES:
@@ -692,7 +844,7 @@ def describe(cfg: ModelConfig, *, num_gpus: int = 8, precision: str = "bf16", mi
             entries.append({**memory.to_dict(), "fits": memory.peak_with_margin <= gpu_memory_gb * 1e9})
         # the row is the run as asked; "ckpt" the same run with per-block activation checkpointing
         stages[str(stage)] = {**entries[0], "ckpt": entries[-1]}
-    return {
+    report = {
         "config": cfg.to_dict(),
         "parameters": params.to_dict(),
         "flops_per_token": {
@@ -718,3 +870,6 @@ def describe(cfg: ModelConfig, *, num_gpus: int = 8, precision: str = "bf16", mi
             "max_seq_len": cfg.max_seq_len,
         },
     }
+    if tp is not None:
+        report["tensor_parallel"] = tp.to_dict()
+    return report

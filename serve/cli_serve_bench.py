@@ -15,6 +15,10 @@ measured rates.  ``--compare-prefix-caching`` (with ``--checkpoint``) runs the
 same workload against a server with prefix caching on and one with
 ``--no-prefix-caching``, ``--repeat`` times each, alternating, and prints the
 medians and their off/on ratios.
+
+``--tensor-parallel N`` prices a server that splits the model over N GPUs
+(``tritium serve --tensor-parallel N``, passed on to a spawned server): the
+measured rate is one N-GPU replica's, and each replica's GPU-hours count N.
 """
 from __future__ import annotations
 
@@ -74,7 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cost.add_argument("--max-failure-rate", type=float, default=0.05,
                       help="refuse to price a run where more than this share of requests failed (default 0.05)")
     cost.add_argument("--gpu-hour-price", type=float, default=2.5, help="dollars per GPU-hour (default 2.5)")
-    cost.add_argument("--gpus-per-replica", type=int, default=1, help="GPUs one server uses (default 1)")
+    cost.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                      help="GPUs the server splits the model over, as in tritium serve (passed on to a spawned "
+                           "server); each replica's GPU-hours count N GPUs (default 1)")
+    cost.add_argument("--gpus-per-replica", type=int, default=None,
+                      help="GPUs one server uses, if more than --tensor-parallel (default: --tensor-parallel)")
     cost.add_argument("--latency-s", type=float, default=10.0, help="end-to-end latency target (default 10)")
     cost.add_argument("--ttft-target-ms", type=float, default=None, help="TTFT p99 target")
     cost.add_argument("--itl-target-ms", type=float, default=None, help="inter-token latency p99 target")
@@ -107,7 +115,8 @@ def _price(args: argparse.Namespace, result: Any) -> Any:
         latency_s=args.latency_s,
         ttft_p99_s=args.ttft_target_ms / 1e3 if args.ttft_target_ms else None,
         itl_p99_s=args.itl_target_ms / 1e3 if args.itl_target_ms else None,
-        gpu_hour_usd=args.gpu_hour_price, gpus_per_replica=args.gpus_per_replica)
+        gpu_hour_usd=args.gpu_hour_price, gpus_per_replica=args.gpus_per_replica or args.tensor_parallel,
+        tensor_parallel=args.tensor_parallel)
     return target, estimate_cost(result.output_tokens_per_s, target, result.ttft_p99_s, result.itl_p99_s,
                                  model_config=_model_config(args), measured_latency_p99_s=result.latency_p99_s)
 
@@ -117,7 +126,8 @@ def _bench_once(args: argparse.Namespace, cfg: Any, server_args: list[str], api_
 
     proc = None
     if args.checkpoint:
-        proc, cfg.url = spawn_server(args.checkpoint, server_args, api_key=api_key)
+        proc, cfg.url = spawn_server(args.checkpoint, server_args, api_key=api_key,
+                                     tensor_parallel=args.tensor_parallel)
     try:
         return run_bench(cfg)
     finally:
@@ -166,6 +176,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.max_failure_rate < 1:
         raise ValueError(f"--max-failure-rate must be in [0, 1), got {args.max_failure_rate}")
+    if args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be a positive integer, got {args.tensor_parallel}")
+    if args.gpus_per_replica is not None and args.gpus_per_replica < args.tensor_parallel:
+        raise ValueError(f"--gpus-per-replica {args.gpus_per_replica} is below --tensor-parallel "
+                         f"{args.tensor_parallel}: a replica occupies at least the GPUs its model is split over")
+    if args.checkpoint and any(a.split("=")[0] == "--tensor-parallel" for a in args.server_arg):
+        raise ValueError("give the tensor-parallel degree as serve-bench's --tensor-parallel (it passes it on to "
+                         "the server and prices N GPUs per replica), not through --server-arg")
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     if args.repeat > 1 and not args.compare_prefix_caching:

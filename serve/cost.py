@@ -30,7 +30,8 @@ class TrafficTarget:
     ttft_p99_s: float | None = None  # latency target: 99th percentile time to first token, seconds
     itl_p99_s: float | None = None  # latency target: 99th percentile inter-token latency, seconds
     gpu_hour_usd: float = 2.0  # price of one GPU-hour
-    gpus_per_replica: int = 1  # GPUs one server replica occupies (tensor parallel degree)
+    gpus_per_replica: int = 1  # GPUs one server replica occupies (at least its tensor-parallel degree)
+    tensor_parallel: int = 1  # GPUs the measured server splits the model over (tritium serve --tensor-parallel)
 
     def __post_init__(self) -> None:
         for name in ("requests_per_s", "output_tokens_per_request", "gpu_hour_usd", "latency_s"):
@@ -49,6 +50,11 @@ class TrafficTarget:
                 raise ValueError(f"TrafficTarget.{name} must be positive or None, got {value!r}")
         if not isinstance(self.gpus_per_replica, int) or self.gpus_per_replica < 1:
             raise ValueError(f"TrafficTarget.gpus_per_replica must be an integer >= 1, got {self.gpus_per_replica!r}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise ValueError(f"TrafficTarget.tensor_parallel must be an integer >= 1, got {self.tensor_parallel!r}")
+        if self.gpus_per_replica < self.tensor_parallel:
+            raise ValueError(f"TrafficTarget.gpus_per_replica={self.gpus_per_replica} is below tensor_parallel="
+                             f"{self.tensor_parallel}: a replica occupies at least the GPUs its model is split over")
 
 
 @dataclass
@@ -63,6 +69,7 @@ class CostEstimate:
     meets_latency_target: bool | None  # None when no latency target was given
     latency_notes: list[str]  # why the target is (not) met
     model_estimate: dict[str, Any] | None = None  # tritium.model.sizing.inference_cost output, when available
+    gpus_per_replica: int = 1  # the target's, so the estimate reads on its own
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +124,7 @@ def estimate_cost(measured_output_tokens_per_s: float, target: TrafficTarget,
         usd_per_1m_output_tokens_at_target=at_target,
         meets_latency_target=meets,
         latency_notes=notes,
+        gpus_per_replica=target.gpus_per_replica,
         model_estimate=(model_side_estimate(model_config, target, measured_output_tokens_per_s)
                         if model_config is not None else None),
     )
@@ -127,7 +135,8 @@ def model_side_estimate(model_config: Any, target: TrafficTarget,
     """``tritium.model.sizing.inference_cost`` for the same traffic, fed the measured tokens/s.
 
     None when the sizing module is unavailable.  The measured rate is per
-    replica; sizing wants it per GPU.  Prefill is left to sizing's roofline
+    replica; sizing wants it per GPU (of a replica of ``target.tensor_parallel`` GPUs, which sizing
+    also uses for the per-GPU memory and the all-reduce traffic).  Prefill is left to sizing's roofline
     (the measured decode rate already paid for the prefills it ran alongside), and it prefills only the
     prompt tokens the prefix cache did not serve (``cached_prompt_tokens_per_request``, measured).
     """
@@ -143,12 +152,12 @@ def model_side_estimate(model_config: Any, target: TrafficTarget,
                                                         - target.cached_prompt_tokens_per_request)),
                                 output_tokens=max(1, int(target.output_tokens_per_request)),
                                 latency_s=target.latency_s, tokens_per_s_per_gpu=per_gpu,
-                                gpu_hour_price=target.gpu_hour_usd)
+                                gpu_hour_price=target.gpu_hour_usd, tensor_parallel=target.tensor_parallel)
     except (TypeError, ValueError, KeyError) as exc:
         return {"error": f"inference_cost could not price this config: {exc}"}
     result = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     if per_gpu is not None:
-        result["notes"] = [n for n in result.get("notes", []) if "roofline" not in n] + [
+        result["notes"] = [n for n in result.get("notes", []) if "roofline estimate" not in n] + [
             ("decode tokens/s is the measured rate; the prefill rate is sizing's roofline estimate (the measured "
              "rate already paid for the prefills that ran alongside decoding)")]
     return result
@@ -158,7 +167,9 @@ def format_estimate(est: CostEstimate) -> str:
     lines = [
         f"required output tokens/s : {est.required_output_tokens_per_s:,.1f}",
         f"measured tokens/s/replica: {est.measured_output_tokens_per_s:,.1f}",
-        f"replicas needed          : {est.replicas_needed} ({est.gpus_needed} GPU(s), ${est.usd_per_hour:,.2f}/h)",
+        (f"replicas needed          : {est.replicas_needed} ({est.gpus_needed} GPU(s)"
+         + (f", {est.gpus_per_replica} per replica" if est.gpus_per_replica > 1 else "")
+         + f", ${est.usd_per_hour:,.2f}/h)"),
         (f"$ per 1M output tokens   : {est.usd_per_1m_output_tokens_at_capacity:,.4f} at capacity, "
          f"{est.usd_per_1m_output_tokens_at_target:,.4f} at the target traffic"),
     ]
@@ -171,7 +182,8 @@ def format_estimate(est: CostEstimate) -> str:
     elif model:
         lines.append("sizing model (tritium.model.sizing.inference_cost, with the measured tokens/s):")
         # latency_feasible is left out: a roofline guess beside the measured verdict above would contradict it
-        for key in ("gpus_per_replica", "gpus_for_compute", "gpus_for_memory", "gpus_needed", "utilization",
+        keys = ("tensor_parallel", "all_reduce_bytes_per_token_per_gpu")  # the GB/s needed is in its note
+        for key in (*(keys if model.get("tensor_parallel", 1) > 1 else ()), "gpus_per_replica", "gpus_for_compute", "gpus_for_memory", "gpus_needed", "utilization",
                     "cost_per_million_output_tokens", "cost_per_million_tokens"):
             if key in model:
                 value = model[key]
