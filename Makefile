@@ -15,6 +15,8 @@ EXTRAS  ?= serve,bench,hf,dev
 PIP     := $(BIN)/python -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# Test processes (pytest-xdist): the interpreter-bound kernel tests are single-threaded, so 2 fill 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo demo-quick test test-fast bench bench-quick lint clean
 
@@ -46,7 +48,7 @@ demo-quick: $(STAMP)
 	$(BIN)/tritium demo --quick
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench-quick: $(STAMP)
 	$(BIN)/tritium bench --quick

@@ -23,6 +23,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist (`make test` runs -n 2) the suite ends when its longest test does: hand out the
+        # multi-process and long runs first so they overlap the many short ones instead of trailing them.
+        # Every worker sorts the same collection the same way, as xdist requires.
+        items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 @pytest.fixture
