@@ -577,7 +577,7 @@ def test_serve_speculative_draft_flag(serve_model, tiny_tokenizer, tmp_path):
     assert stats["spec_proposed"] > 0 and stats["spec_acceptance_rate"] == 1.0  # the target as its own draft
     assert metric_value(metrics, "tritium_spec_proposed_tokens") == stats["spec_proposed"]
     assert metric_value(metrics, "tritium_spec_acceptance_rate") == 1.0
-    assert stats["spec_draft_kv_blocks_used"] == 0
+    assert stats["spec_draft_kv_blocks_used"] == 0 and "tritium_spec_draft_kv_blocks_used" in metrics
     app2, _ = cli_serve.build_app(parser.parse_args(base + ["--speculative", "draft", "--draft-checkpoint",
                                                             str(draft_dir)]))
     assert app2.state.server.llm.speculative.proposer.model.config.num_layers == 1
