@@ -332,6 +332,10 @@ class PagedDraft:
         for step in range(max((budgets[row] for row in full), default=0)):
             for row, row_logits in step_rows.items():
                 state = requests[row].state
+                if state.params.greedy and not state.params.needs_penalties:
+                    # Temperature, top-k/p and min-p never move the argmax: skip the processing.
+                    proposals[row].append(int(row_logits[:state.vocab_size or None].argmax()))
+                    continue
                 context = state.output_ids + proposals[row]
                 probs = _processed_probs(row_logits[None], state.params, [context], state.all_ids,
                                          state.vocab_size)[0]
