@@ -441,12 +441,13 @@ def _random_draft(serve_model, seed=7):
     return Transformer(serve_model.config.replace(num_layers=1, name="draft"), backend="torch").eval()
 
 
-@pytest.mark.parametrize("blocks,draft", [(64, "same"), (14, "other")])
+@pytest.mark.parametrize("blocks,draft", [(64, "same"), (14, "same"), (14, "other")])
 def test_engine_draft_greedy_identical(serve_model, tiny_tokenizer, serve_prompts, greedy_reference, blocks, draft):
     """The draft model inside the engine: greedy outputs equal the no-cache reference with chunked prefill
     (7 tokens a step, so the draft's own catch-up is chunked too), plain rows (back-off, a sampled row) in
-    the batch and, with 14 blocks, preemption; the target as its own draft accepts everything; both block
-    pools end idle."""
+    the batch and, with 14 blocks, preemption. Every greedy proposal equals the draft model's own no-cache
+    greedy continuation, so its paged cache stayed in sync through catch-up, rollback and recompute; the
+    target as its own draft accepts everything; both block pools end idle."""
     from tritium.serve.engine import LLMEngine
 
     prompts = [_ids(tiny_tokenizer, p) for p in serve_prompts + ["abc abc abc abc abc"]]
@@ -457,6 +458,16 @@ def test_engine_draft_greedy_identical(serve_model, tiny_tokenizer, serve_prompt
     spec.backoff = draft == "other"
     engine = LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=blocks, max_num_seqs=6,
                        max_prefill_tokens=7, speculative=spec)
+    paged, seen = spec.proposer.paged, []
+    propose = paged.propose
+
+    def recording(requests, budgets):
+        proposals, qs = propose(requests, budgets)
+        seen.extend((list(r.state.all_ids), p) for r, p in zip(requests, proposals)
+                    if p and r.state.params.greedy)
+        return proposals, qs
+
+    paged.propose = recording
     requests = [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
     requests.insert(2, ("s", prompts[1], SamplingParams(max_tokens=8, temperature=0.9, seed=3, ignore_eos=True)))
     final = _engine_run(engine, requests)
@@ -465,12 +476,71 @@ def test_engine_draft_greedy_identical(serve_model, tiny_tokenizer, serve_prompt
     assert final["s"].completion_tokens == 8
     stats = engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["spec_draft_kv_blocks_used"] == 0
-    assert stats["spec_draft_kv_blocks_total"] == blocks and not spec.proposer.paged.held
-    assert stats["spec_proposed"] > 0
+    assert stats["spec_draft_kv_blocks_total"] == blocks and not paged.held
+    assert stats["spec_proposed"] > 0 and len(seen) > 3
+    with torch.no_grad():
+        for ids, proposal in seen:
+            ids, own = list(ids), []
+            for _ in proposal:
+                own.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+                ids.append(own[-1])
+            assert proposal == own
+    if blocks == 14:
+        assert stats["num_preemptions"] > 0
     if draft == "same":
-        assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_mean_accepted_length"] > 3.0
+        assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_mean_accepted_length"] > 2.5
     else:
-        assert stats["spec_acceptance_rate"] < 0.5 and stats["num_preemptions"] > 0
+        assert stats["spec_acceptance_rate"] < 0.5
+
+
+def test_paged_draft_catches_up_in_chunks_and_rolls_back(serve_model, tiny_tokenizer):
+    """PagedDraft alone, two rows batched: a long prompt is fed in max_prefill_tokens chunks (no proposal
+    until it is in); after the target rejects the proposals and decodes on, the draft drops its stale
+    tail; every proposal equals the draft's own no-cache greedy continuation; release frees the blocks."""
+    from tritium.serve.speculative import PagedDraft
+
+    draft = _random_draft(serve_model)
+    paged = PagedDraft(draft, num_blocks=32, block_size=4, max_prefill_tokens=5)
+    vocab = serve_model.config.vocab_size
+
+    class Request:  # what PagedDraft reads of an engine request
+        def __init__(self, request_id, text):
+            self.request_id = request_id
+            self.state = SequenceState(_ids(tiny_tokenizer, text),
+                                       SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                                       tiny_tokenizer)
+
+    @torch.no_grad()
+    def own(ids, k):
+        ids, out = list(ids), []
+        for _ in range(k):
+            out.append(int(draft(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(out[-1])
+        return out
+
+    a, b = Request("a", "def main():\n    return 0"), Request("b", "x")
+    assert len(a.state.prompt_ids) >= 10 and len(b.state.prompt_ids) <= 4
+    calls = 0
+    while True:
+        calls += 1
+        (pa, pb), _ = paged.propose([a, b], [3, 2])
+        assert pb == own(b.state.all_ids, 2)
+        if pa:
+            break
+        assert paged.held["a"] == a.state.prompt_ids[:5 * calls]  # one chunk a step
+    assert calls == -(-len(a.state.prompt_ids) // 5) and pa == own(a.state.all_ids, 3)
+    # The target rejects a's first proposal and decodes two more tokens plainly; b accepts everything.
+    for token in [(pa[0] + 1) % vocab, 5, 7]:
+        a.state.append(token)
+    for token in pb + [9]:
+        b.state.append(token)
+    (pa, pb), _ = paged.propose([a, b], [3, 2])
+    assert pa == own(a.state.all_ids, 3) and pb == own(b.state.all_ids, 2)
+    assert paged.held["a"] == a.state.all_ids + pa[:2]
+    assert len(paged.blocks.table("a")) == paged.blocks.blocks_for(len(a.state.all_ids) + 2)
+    paged.release("a")
+    paged.release("b")
+    assert paged.blocks.num_used_blocks == 0 and not paged.held
 
 
 def test_engine_draft_abort_and_failure_free_draft_blocks(serve_model, tiny_tokenizer, serve_prompts,
