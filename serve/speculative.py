@@ -21,6 +21,11 @@ reduces to "accept with probability p(x)" and the residual is p with x removed. 
 computed at each proposed position with the penalty counts that position would see; the draft
 model's q is processed with the same settings.
 
+Inside ``LLMEngine`` (``SpeculativeDecoder.engine_split``/``engine_step``) each decode with a proposal
+reserves target blocks for it, is verified in one pass over the paged cache, and gives the blocks of
+rejected tokens back (``BlockManager.shrink``); a draft model keeps its own paged cache and block pool
+(``PagedDraft``), released together with the target's blocks.
+
 The contiguous cache takes the verified tokens like a chunked prefill (``attend`` writes T new
 keys at each row's length); rolling back rejected tokens is advancing the length by the accepted
 count only.  Entries past a row's length are never read: attention reads keys below
@@ -434,8 +439,10 @@ def verify_row(logits: torch.Tensor, proposal: Sequence[int], state: SequenceSta
 
 @dataclass
 class SpeculativeDecoder:
-    """What ``Generator(speculative=...)`` takes: a proposer (``NgramProposer`` or
-    ``DraftModelProposer``) and the most tokens proposed per step ``num_speculative_tokens``."""
+    """What ``Generator(speculative=...)`` and ``LLMEngine(speculative=...)`` take: a proposer
+    (``NgramProposer`` or ``DraftModelProposer``) and the most tokens proposed per step
+    ``num_speculative_tokens``. One decoder per generator or engine (it holds the counters and, in an
+    engine, the draft's paged cache)."""
 
     proposer: object
     num_speculative_tokens: int = 4

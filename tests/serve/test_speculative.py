@@ -376,8 +376,10 @@ def test_block_manager_shrink_returns_tail_blocks():
     head = list(blocks.table("a")[:2])
     assert blocks.shrink("a", 6) == 2 and blocks.table("a") == head and blocks.num_free_blocks == 6
     assert blocks.shrink("a", 8) == 0 and blocks.shrink("missing", 0) == 0
+    freed = []
+    blocks.free_listeners.append(freed.append)
     blocks.free("a")
-    assert blocks.num_used_blocks == 0
+    assert blocks.num_used_blocks == 0 and freed == ["a"]  # what a draft model's cache follows
 
 
 def test_serve_speculative_ngram_flag_and_metrics(serve_model, tiny_tokenizer, tmp_path):
