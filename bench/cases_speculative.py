@@ -1,4 +1,5 @@
-"""Speculative decoding: batch-1 greedy tokens/s with and without n-gram prompt lookup.
+"""Speculative decoding: batch-1 greedy tokens/s with and without n-gram prompt lookup (``Generator``)
+and with and without a draft model inside the continuous-batching engine (``LLMEngine``).
 
 Two workloads (issue 21): ``copy`` -- a "repeat: TEXT" prompt that holds the text the model is to
 reproduce, so prompt lookup proposes the right tokens -- and ``free`` -- a prompt whose continuation
@@ -8,9 +9,15 @@ Whether the copy workload is copied depends on the model: random weights do not 
 ``TRITIUM_BENCH_SPEC_CHECKPOINT`` to a trained checkpoint folder (one that continues "repeat: TEXT
 <newline> TEXT" with TEXT) for a meaningful copy row; without it the case uses a random tiny model
 (a floor: acceptance near zero on both rows). The acceptance rate of the last run is in the note.
+
+``speculative_draft_engine`` serves one request at a time through ``LLMEngine`` (prefix caching off,
+so every run prefills target and draft): plain, with the draft checkpoint
+``TRITIUM_BENCH_SPEC_DRAFT`` (a smaller model sharing the target's tokenizer; without it a random
+1-layer copy of the target's shape: a floor, nothing accepted) and with n-gram lookup for comparison.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -95,4 +102,61 @@ CASE = register(Case(
     cpu_sizes=[{"workload": w, "tokens": 64, "K": 4} for w in ("copy", "free")],
     providers={"ngram": _factory(True), "plain": _factory(False)},
     metric="tokens/s", modes=("fwd",), work=_work, baseline="plain", note=NOTE,
+))
+
+
+# --------------------------------------------------------------------------- the engine with a draft model
+
+def _draft_model(device: str, dtype: torch.dtype, target: torch.nn.Module) -> torch.nn.Module:
+    path = os.environ.get("TRITIUM_BENCH_SPEC_DRAFT")
+    if path:
+        from tritium.serve.cli_generate import load_for_inference
+
+        return load_for_inference(path, device=device, dtype=str(dtype).split(".")[-1])[0]
+    from tritium.model.transformer import Transformer
+
+    torch.manual_seed(1)
+    with torch.device(device):
+        draft = Transformer(target.config.replace(num_layers=1), backend="torch")
+    return draft.to(dtype=dtype).eval()
+
+
+def _engine_factory(proposer: str | None):
+    def factory(size, mode, device, dtype):
+        from tritium.serve.engine import LLMEngine
+        from tritium.serve.sampling import SamplingParams
+        from tritium.serve.speculative import SpeculativeDecoder
+
+        model, tokenizer = _model_and_tokenizer(device, dtype)
+        spec = None
+        if proposer == "draft":
+            spec = SpeculativeDecoder.draft(_draft_model(device, dtype, model), size["K"])
+        elif proposer == "ngram":
+            spec = SpeculativeDecoder.ngram(size["K"])
+        engine = LLMEngine(model, tokenizer or _IdsTokenizer(), block_size=16, num_blocks=64, max_num_seqs=4,
+                           enable_prefix_caching=False, speculative=spec)
+        prompt = _prompt(size["workload"], tokenizer, model.config.vocab_size)
+        params = SamplingParams(max_tokens=size["tokens"], temperature=0.0, ignore_eos=True)
+        ids = itertools.count()
+
+        def run():
+            request_id = f"bench-{next(ids)}"
+            engine.add_request(request_id, prompt, params)
+            out = engine.run_to_completion()[request_id]
+            if spec is not None:
+                ENGINE_CASE.note = f"{ENGINE_NOTE} Last run ({size['workload']}, {proposer}): {spec.stats.summary()}."
+            return out
+        run.engine = engine  # for scripts that read the counters
+        return run
+    return factory
+
+
+ENGINE_NOTE = ("batch-1 greedy output tokens/s through LLMEngine (paged cache, prefix caching off); x base = "
+               "a draft model (TRITIUM_BENCH_SPEC_DRAFT) or n-gram lookup over plain engine decoding.")
+_ENGINE_SIZES = [{"workload": w, "tokens": 64, "K": 4} for w in ("copy", "free")]
+ENGINE_CASE = register(Case(
+    name="speculative_draft_engine", area="generation",
+    sizes=_ENGINE_SIZES, quick_sizes=_ENGINE_SIZES, cpu_sizes=_ENGINE_SIZES,
+    providers={"draft": _engine_factory("draft"), "ngram": _engine_factory("ngram"), "plain": _engine_factory(None)},
+    metric="tokens/s", modes=("fwd",), work=_work, baseline="plain", note=ENGINE_NOTE,
 ))

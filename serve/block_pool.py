@@ -118,6 +118,9 @@ class BlockManager:
         self.namespace = namespace  # part of every chain's first hash (e.g. the model id)
         self._tables: dict[Hashable, list[int]] = {}
         self._hashes: dict[Hashable, list[int]] = {}  # chain hashes of each sequence's registered blocks
+        # Called with the seq_id on every ``free`` (finish, abort, preemption): state kept per sequence
+        # elsewhere (a speculative draft model's own cache) is released on the same events.
+        self.free_listeners: list[Callable[[Hashable], None]] = []
 
     @property
     def num_blocks(self) -> int:
@@ -166,6 +169,8 @@ class BlockManager:
         table = self._tables.pop(seq_id, [])
         self._hashes.pop(seq_id, None)
         self.pool.free(table)
+        for listener in self.free_listeners:
+            listener(seq_id)
         return len(table)
 
     # ------------------------------------------------------------------ prefix caching

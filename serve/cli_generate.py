@@ -90,8 +90,9 @@ def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None
     return model.eval(), tokenizer
 
 
-def speculative_from_args(args: argparse.Namespace):
-    """The ``SpeculativeDecoder`` the flags ask for, or None."""
+def speculative_from_args(args: argparse.Namespace, target=None):
+    """The ``SpeculativeDecoder`` the flags ask for, or None. With ``target`` (the loaded model) a draft
+    checkpoint with another vocabulary is a ValueError naming --draft-checkpoint."""
     from tritium.serve.speculative import SpeculativeDecoder
 
     if args.speculative is None:
@@ -106,8 +107,16 @@ def speculative_from_args(args: argparse.Namespace):
         return SpeculativeDecoder.ngram(args.num_speculative_tokens)
     if args.draft_checkpoint is None:
         raise ValueError("--speculative draft needs --draft-checkpoint DIR")
-    draft, _ = load_for_inference(args.draft_checkpoint, args.tokenizer or args.checkpoint, args.device,
-                                  args.dtype, args.backend, verify=getattr(args, "verify_checksums", None))
+    # The draft is read with the target's tokenizer (they must share it), through the same checksum check.
+    try:
+        draft, _ = load_for_inference(args.draft_checkpoint, getattr(args, "tokenizer", None) or args.checkpoint,
+                                      args.device, args.dtype, args.backend,
+                                      verify=getattr(args, "verify_checksums", None))
+    except ValueError as exc:  # e.g. a checksum mismatch or a vocabulary smaller than the tokenizer's
+        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint}: {exc}") from None
+    if target is not None and draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint}: vocab_size {draft.config.vocab_size} differs "
+                         f"from --checkpoint's {target.config.vocab_size}; the draft must share the target's tokenizer")
     return SpeculativeDecoder.draft(draft, args.num_speculative_tokens)
 
 
@@ -134,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         if args.system:
             raise ValueError("--system needs --chat")
         prompt_ids = encode_prompt(tokenizer, text)
-    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph, speculative=speculative_from_args(args))
+    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph,
+                          speculative=speculative_from_args(args, model))
     start = time.perf_counter()
     completion_tokens = 0
     if args.no_stream:

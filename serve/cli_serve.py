@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--log-level", default="info", help="uvicorn log level")
     from tritium.serve.cli_generate import add_speculative_arguments
 
-    add_speculative_arguments(parser)  # the engine takes --speculative ngram (a draft model: generate only)
+    add_speculative_arguments(parser)  # --speculative ngram | draft --draft-checkpoint DIR
 
 
 def is_loopback(host: str) -> bool:
@@ -89,13 +89,11 @@ def build_app(args: argparse.Namespace):
                                   max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                   policy_file=args.policy, docs_dir=args.docs, retrieval_top_k=args.top_k_docs,
                                   shutdown_grace_s=args.shutdown_grace)
-    if getattr(args, "speculative", None) == "draft":
-        raise ValueError("tritium serve supports --speculative ngram only (a draft model runs in tritium generate)")
     model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
                                           verify=args.verify_checksums)
     engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
                        max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
-                       speculative=speculative_from_args(args))
+                       speculative=speculative_from_args(args, model))
     return create_app(engine, tokenizer, config), config
 
 

@@ -154,11 +154,11 @@ class LLMEngine:
         # Batched-forward failures in a row (reset by a good step); AsyncEngine gives up past a limit.
         self.consecutive_step_errors = 0
         self.last_step_error: str | None = None
-        # Speculative decoding (serve/speculative.py): decodes with an n-gram proposal verify it in one pass.
+        # Speculative decoding (serve/speculative.py): decodes with a proposal (n-gram or draft model, whose
+        # paged cache follows this engine's blocks) verify it in one pass.
         self.speculative = speculative
         if speculative is not None:
-            speculative.check_target(model)
-            speculative.check_engine()
+            speculative.attach_engine(self)
 
     # ------------------------------------------------------------------ requests
     def validate_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -203,7 +203,7 @@ class LLMEngine:
                     num_preemptions=scheduler.num_preemptions,
                     prefix_cache_queries=scheduler.prefix_cache_queries,
                     prefix_cache_hits=scheduler.prefix_cache_hits, **self._counters,
-                    **({f"spec_{k}": v for k, v in self.speculative.stats.as_dict().items()}
+                    **({f"spec_{k}": v for k, v in self.speculative.engine_stats().items()}
                        if self.speculative is not None else {}))
 
     # ------------------------------------------------------------------ model runner

@@ -41,6 +41,7 @@ METRIC_NAMES = {  # name -> help; the README lists these
     "spec_accepted_tokens": "speculative decoding: proposed tokens the model accepted",
     "spec_acceptance_rate": "speculative decoding: accepted / proposed",
     "spec_mean_accepted_length": "speculative decoding: tokens emitted per verification pass",
+    "spec_draft_kv_blocks_used": "speculative decoding: the draft model's own KV-cache blocks in use",
 }
 
 
@@ -78,7 +79,8 @@ class ServeMetrics:
                           ("prefix_cache_hits", "prefix_cache_hits"),
                           ("spec_proposed_tokens", "spec_proposed"), ("spec_accepted_tokens", "spec_accepted"),
                           ("spec_acceptance_rate", "spec_acceptance_rate"),
-                          ("spec_mean_accepted_length", "spec_mean_accepted_length")):
+                          ("spec_mean_accepted_length", "spec_mean_accepted_length"),
+                          ("spec_draft_kv_blocks_used", "spec_draft_kv_blocks_used")):
             gauge = Gauge(name(key), METRIC_NAMES[key], registry=reg)
             gauge.set_function(_stat_reader(stats, stat))
         queries, hits = _stat_reader(stats, "prefix_cache_queries"), _stat_reader(stats, "prefix_cache_hits")

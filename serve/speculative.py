@@ -7,8 +7,9 @@ Decoding"; Chen et al. 2023).  Two proposers:
 * ``NgramProposer`` -- prompt lookup (Saxena 2023, vLLM's ``ngram``): the continuation of the
   latest earlier occurrence of the sequence's last n tokens in prompt + output.  No extra model;
   strong where output copies input (RAG, code edits, "repeat: ...").
-* ``DraftModelProposer`` -- a smaller checkpoint sharing the tokenizer, with its own contiguous
-  KV cache that is rolled back to the accepted prefix after each verification.
+* ``DraftModelProposer`` -- a smaller checkpoint sharing the tokenizer, with its own KV cache that
+  is rolled back to the accepted prefix after each verification: a contiguous one in ``Generator``,
+  a paged one with its own block pool inside ``LLMEngine`` (``PagedDraft``).
 
 Acceptance (``verify_row``): greedy rows accept the longest prefix of the proposal that matches
 the target's argmax and then take the target's own token (so the output is token for token the
@@ -19,6 +20,11 @@ reduces to "accept with probability p(x)" and the residual is p with x removed. 
 *processed* distribution (penalties -> temperature -> top-k -> top-p -> min-p, ``serve/sampling``),
 computed at each proposed position with the penalty counts that position would see; the draft
 model's q is processed with the same settings.
+
+Inside ``LLMEngine`` (``SpeculativeDecoder.engine_split``/``engine_step``) each decode with a proposal
+reserves target blocks for it, is verified in one pass over the paged cache, and gives the blocks of
+rejected tokens back (``BlockManager.shrink``); a draft model keeps its own paged cache and block pool
+(``PagedDraft``), released together with the target's blocks.
 
 The contiguous cache takes the verified tokens like a chunked prefill (``attend`` writes T new
 keys at each row's length); rolling back rejected tokens is advancing the length by the accepted
@@ -161,6 +167,13 @@ class DraftModelProposer:
         self._cache = None
         self._held: list[list[int]] = []
 
+    def attach_engine(self, engine) -> PagedDraft:
+        """Give ``engine`` (an ``LLMEngine``) a paged draft cache shaped like its own; released with its blocks."""
+        paged = PagedDraft(self.model, engine.blocks.num_blocks, engine.blocks.block_size, engine.max_prefill_tokens)
+        engine.blocks.free_listeners.append(paged.release)
+        self.paged = paged
+        return paged
+
     def reset(self, batch_size: int, max_len: int) -> None:
         cfg = self.model.config
         # A row that skipped proposing (back-off) catches up in one pass of up to max_len tokens while
@@ -215,7 +228,8 @@ class DraftModelProposer:
                     continue
                 state = states[row]
                 context = state.output_ids + proposals[row]
-                probs = _processed_probs(logits[row:row + 1], state.params, [context], state.all_ids)[0]
+                probs = _processed_probs(logits[row:row + 1], state.params, [context], state.all_ids,
+                                         state.vocab_size)[0]
                 if state.params.greedy:
                     token = int(probs.argmax())
                 else:
@@ -233,14 +247,131 @@ class DraftModelProposer:
         return proposals, [torch.stack(q) if q else None for q in qs]
 
 
+class PagedDraft:
+    """The draft model's side of speculative decoding inside ``LLMEngine``: its own ``PagedKVCache`` and
+    ``BlockManager`` (as many blocks of the same size as the target's, no prefix caching) and, per
+    request, the tokens whose draft keys/values are cached (``held``).
+
+    Kept in sync lazily, at proposal time: the draft keeps the longest prefix of ``held`` that the
+    sequence still has (what the target rejected is rolled back, its blocks shrunk) and feeds the
+    rest -- the prompt on a request's first proposal, in chunks that share ``max_prefill_tokens`` per
+    step like the target's chunked prefill (a row still catching up decodes plainly), then one or two
+    tokens per step. A request's draft blocks go whenever the target's do (finish, abort, failure,
+    preemption: ``BlockManager.free_listeners``), so a preempted request re-feeds its draft when it
+    is recomputed. A row whose draft blocks do not fit simply decodes plainly.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, max_prefill_tokens: int) -> None:
+        from tritium.serve.block_pool import BlockManager
+        from tritium.serve.kv_cache import PagedKVCache
+
+        self.model = model
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        self.device = self.cache.device
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_len = model.config.max_seq_len
+        self.held: dict[object, list[int]] = {}
+
+    def release(self, seq_id) -> None:
+        """Forget ``seq_id``'s draft cache (listener of the target's ``BlockManager.free``)."""
+        self.held.pop(seq_id, None)
+        self.blocks.free(seq_id)
+
+    def _forward(self, rows: list[tuple[object, list[int], int]]) -> torch.Tensor:
+        """Feed each (seq_id, tokens, start) row at its start position; fp32 logits (B, V) at its last token."""
+        from tritium.serve.sequence import last_token_logits
+
+        T = max(len(feed) for _, feed, _ in rows)
+        limit = self.max_len - 1
+        ids = [feed + [0] * (T - len(feed)) for _, feed, _ in rows]
+        positions = [[min(p, limit) for p in range(start, start + T)] for _, _, start in rows]
+        self.cache.prepare([self.blocks.table(seq_id) for seq_id, _, _ in rows], [start for _, _, start in rows], T)
+        last = torch.tensor([len(feed) - 1 for _, feed, _ in rows], dtype=torch.long).to(self.device)
+        return last_token_logits(self.model, torch.tensor(ids, dtype=torch.long).to(self.device),
+                                 torch.tensor(positions, dtype=torch.long).to(self.device), self.cache,
+                                 last_index=last)
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence, budgets: Sequence[int]
+                ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Per engine request (``request_id``, ``state``): up to its budget of draft tokens (none while
+        its draft is still catching up or out of blocks) and q (k, V) for sampled rows (None: greedy)."""
+        B = len(requests)
+        proposals: list[list[int]] = [[] for _ in range(B)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        catch_up = self.max_prefill_tokens
+        feeds: list[tuple[int, list[int], int]] = []  # (row, tokens, start)
+        full: list[int] = []  # rows that propose this step
+        for row, (request, k) in enumerate(zip(requests, budgets)):
+            ids = request.state.all_ids
+            if k <= 0 or len(ids) + k > self.max_len:
+                continue
+            seq_id = request.request_id
+            held = self.held.setdefault(seq_id, [])
+            keep = min(len(held), len(ids) - 1)  # at least the last token is fed: its logits are needed
+            if held[:keep] != ids[:keep]:
+                keep = next(i for i, (a, b) in enumerate(zip(held, ids)) if a != b)
+            feed = ids[keep:]
+            if len(feed) > k + 1:  # catching up (first proposal, after back-off): a prefill chunk
+                if catch_up <= 0:
+                    continue
+                feed = feed[:catch_up]
+                catch_up -= len(feed)
+            proposing = keep + len(feed) == len(ids)
+            needed = keep + len(feed) + (k - 1 if proposing else 0)
+            self.blocks.shrink(seq_id, needed)
+            del held[keep:]  # rolled back: entries past it are stale and overwritten before being read
+            if not self.blocks.allocate(seq_id, needed):
+                self.blocks.shrink(seq_id, keep)
+                continue
+            feeds.append((row, feed, keep))
+            if proposing:
+                full.append(row)
+        if not feeds:
+            return proposals, [None] * B
+        logits = self._forward([(requests[row].request_id, feed, start) for row, feed, start in feeds])
+        for (row, feed, _), row_logits in zip(feeds, logits):
+            self.held[requests[row].request_id] += feed
+        step_rows = {row: row_logits for (row, _, _), row_logits in zip(feeds, logits) if row in full}
+        for step in range(max((budgets[row] for row in full), default=0)):
+            for row, row_logits in step_rows.items():
+                state = requests[row].state
+                if state.params.greedy and not state.params.needs_penalties:
+                    # Temperature, top-k/p and min-p never move the argmax: skip the processing.
+                    proposals[row].append(int(row_logits[:state.vocab_size or None].argmax()))
+                    continue
+                context = state.output_ids + proposals[row]
+                probs = _processed_probs(row_logits[None], state.params, [context], state.all_ids,
+                                         state.vocab_size)[0]
+                proposals[row].append(int(probs.argmax()) if state.params.greedy
+                                      else int(_draw(probs, state.generator)))
+                if not state.params.greedy:
+                    qs[row].append(probs)
+            rows = [row for row in step_rows if budgets[row] > step + 1]
+            if not rows:
+                break
+            batch = []
+            for row in rows:
+                seq_id = requests[row].request_id
+                batch.append((seq_id, [proposals[row][-1]], len(self.held[seq_id])))
+                self.held[seq_id].append(proposals[row][-1])
+            step_rows = dict(zip(rows, self._forward(batch)))
+        return proposals, [torch.stack(q) if q else None for q in qs]
+
+
 # --------------------------------------------------------------------------- acceptance
 
 
 def _processed_probs(logits: torch.Tensor, params: SamplingParams, outputs: Sequence[Sequence[int]],
-                     base_context: Sequence[int]) -> torch.Tensor:
+                     base_context: Sequence[int], vocab_limit: int | None = None) -> torch.Tensor:
     """Rows of ``logits`` (N, V) -> the processed distribution (N, V) fp32; row i's penalties count the
-    output ``outputs[i]`` and the context ``base_context`` + ``outputs[i]``."""
+    output ``outputs[i]`` and the context ``base_context`` + ``outputs[i]``. Columns at or past
+    ``vocab_limit`` (a head padded beyond the tokenizer) get no mass, as in ``sample_for``."""
     N, V = logits.shape
+    if vocab_limit and V > vocab_limit:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
     counts = context = None
     if params.needs_penalties:
         counts = torch.zeros(N, V, device=logits.device)
@@ -277,7 +408,7 @@ def verify_row(logits: torch.Tensor, proposal: Sequence[int], state: SequenceSta
     params = state.params
     k = len(proposal)
     outputs = [state.output_ids + list(proposal[:j]) for j in range(k + 1)]
-    dist = _processed_probs(logits[:k + 1], params, outputs, state.prompt_ids)
+    dist = _processed_probs(logits[:k + 1], params, outputs, state.prompt_ids, state.vocab_size)
     emitted: list[int] = []
     for j, token in enumerate(proposal):
         if params.greedy:
@@ -308,8 +439,10 @@ def verify_row(logits: torch.Tensor, proposal: Sequence[int], state: SequenceSta
 
 @dataclass
 class SpeculativeDecoder:
-    """What ``Generator(speculative=...)`` takes: a proposer (``NgramProposer`` or
-    ``DraftModelProposer``) and the most tokens proposed per step ``num_speculative_tokens``."""
+    """What ``Generator(speculative=...)`` and ``LLMEngine(speculative=...)`` take: a proposer
+    (``NgramProposer`` or ``DraftModelProposer``) and the most tokens proposed per step
+    ``num_speculative_tokens``. One decoder per generator or engine (it holds the counters and, in an
+    engine, the draft's paged cache)."""
 
     proposer: object
     num_speculative_tokens: int = 4
@@ -406,16 +539,29 @@ class SpeculativeDecoder:
             yield deltas
 
     # ------------------------------------------------------------------ inside LLMEngine (paged cache)
-    def check_engine(self) -> None:
-        if not isinstance(self.proposer, NgramProposer):
-            raise ValueError("LLMEngine supports speculative decoding with the n-gram proposer only; "
-                             "use Generator for a draft model")
+    def attach_engine(self, engine) -> None:
+        """Check the proposer fits ``engine`` (an ``LLMEngine``) and give a draft model its paged cache."""
+        self.check_target(engine.model)
+        if isinstance(self.proposer, DraftModelProposer):
+            self.proposer.attach_engine(engine)
+        elif not isinstance(self.proposer, NgramProposer):
+            raise ValueError("LLMEngine takes the n-gram or the draft-model proposer, got "
+                             f"{type(self.proposer).__name__}")
 
-    def engine_split(self, engine, decodes: list) -> tuple[list, list[tuple[object, list[int]]]]:
-        """Split the scheduler's decodes into plain ones and (request, proposal) pairs whose extra
+    def engine_stats(self) -> dict[str, float]:
+        """The counters plus, with a draft model, its block pool's use (0 when idle)."""
+        stats = self.stats.as_dict()
+        paged = getattr(self.proposer, "paged", None)
+        if paged is not None:
+            stats.update(draft_kv_blocks_used=paged.blocks.num_used_blocks,
+                         draft_kv_blocks_total=paged.blocks.num_blocks)
+        return stats
+
+    def engine_split(self, engine, decodes: list) -> tuple[list, list[tuple[object, list[int], object]]]:
+        """Split the scheduler's decodes into plain ones and (request, proposal, q) rows whose extra
         blocks could be reserved (no request is preempted to make room for a guess)."""
-        plain, spec = [], []
         limit = engine.max_model_len
+        candidates = []
         for request in decodes:
             state = request.state
             backoff = getattr(request, "spec_backoff", None)
@@ -424,34 +570,49 @@ class SpeculativeDecoder:
             k = backoff.budget() if backoff is not None else self.num_speculative_tokens
             k = min(k, state.params.max_tokens - len(state.output_ids) - 1, limit - request.num_tokens)
             # A structured-output row samples under its grammar's mask, which verification does not apply.
-            proposal = self.proposer.propose_ids(state.all_ids, k) if k > 0 and state.grammar is None else []
-            if proposal and engine.blocks.allocate(request.request_id, request.num_computed + 1 + len(proposal)):
-                spec.append((request, proposal))
-            else:
-                plain.append(request)
-        return plain, spec
+            if k > 0 and state.grammar is None:
+                candidates.append((request, k))
+        spec = []
+        if isinstance(self.proposer, DraftModelProposer):
+            # Target blocks first, so the draft only works for rows that can be verified.
+            rows = [(r, k) for r, k in candidates
+                    if engine.blocks.allocate(r.request_id, r.num_computed + 1 + k)]
+            if rows:
+                proposals, qs = self.proposer.paged.propose([r for r, _ in rows], [k for _, k in rows])
+                for (request, _), proposal, q in zip(rows, proposals, qs):
+                    if proposal:
+                        spec.append((request, proposal, q))
+                    else:  # catching up or out of draft blocks: give back the reserved target blocks
+                        engine.blocks.shrink(request.request_id, request.num_computed + 1)
+        else:
+            for request, k in candidates:
+                proposal = self.proposer.propose_ids(request.state.all_ids, k)
+                if proposal and engine.blocks.allocate(request.request_id, request.num_computed + 1 + len(proposal)):
+                    spec.append((request, proposal, None))
+        verified = {id(r) for r, _, _ in spec}
+        return [r for r in decodes if id(r) not in verified], spec
 
-    def engine_step(self, engine, rows: list[tuple[object, list[int]]]) -> list:
+    def engine_step(self, engine, rows: list[tuple[object, list[int], object]]) -> list:
         """One verify pass over the paged cache for ``rows``; emits tokens, rolls back rejected ones
         (their blocks go back to the pool) and returns the requests' outputs."""
         model, cache, device = engine.model, engine.cache, engine.device
-        T = 1 + max(len(p) for _, p in rows)
+        T = 1 + max(len(p) for _, p, _ in rows)
         limit = engine.max_model_len - 1
         ids, positions, seqlens = [], [], []
-        for request, proposal in rows:
+        for request, proposal, _ in rows:
             start = request.num_computed
             ids.append([request.state.output_ids[-1]] + proposal + [0] * (T - 1 - len(proposal)))
             positions.append([min(p, limit) for p in range(start, start + T)])
             seqlens.append(start)
-        cache.prepare([engine.blocks.table(r.request_id) for r, _ in rows], seqlens, T)
+        cache.prepare([engine.blocks.table(r.request_id) for r, _, _ in rows], seqlens, T)
         hidden = model.forward_hidden(torch.tensor(ids, dtype=torch.long).to(device),
                                       position_ids=torch.tensor(positions, dtype=torch.long).to(device),
                                       kv_cache=cache)
         all_logits = (hidden @ model.lm_head_weight.t()).float()  # (B, T, V)
         outputs = []
-        for (request, proposal), logits in zip(rows, all_logits):
+        for (request, proposal, q), logits in zip(rows, all_logits):
             state = request.state
-            emitted, accepted = verify_row(logits, proposal, state)
+            emitted, accepted = verify_row(logits, proposal, state, q)
             self.stats.proposed += len(proposal)
             self.stats.accepted += accepted
             self.stats.steps += 1
@@ -460,10 +621,14 @@ class SpeculativeDecoder:
                 backoff.update(len(proposal), accepted)
             raw = logits.log_softmax(dim=-1) if state.params.logprobs else None
             request.num_computed += 1 + accepted  # the fed token and the accepted proposals
-            for j, token in enumerate(emitted):
-                engine._emit(request, token, float(raw[j, token]) if raw is not None else None)
-                if state.finished:  # _emit released all its blocks
-                    break
+            try:  # detokenizing and stop checks of this request alone, as in the plain path
+                for j, token in enumerate(emitted):
+                    engine._emit(request, token, float(raw[j, token]) if raw is not None else None)
+                    if state.finished:  # _emit released all its blocks
+                        break
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                outputs.append(engine._fail(request, exc))
+                continue
             if not state.finished:
                 engine.blocks.shrink(request.request_id, request.num_computed)
             outputs.append(request.output())

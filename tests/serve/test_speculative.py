@@ -363,9 +363,9 @@ def test_engine_speculative_greedy_identical(serve_model, tiny_tokenizer, serve_
         assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_mean_accepted_length"] > 2.5
     if blocks == 14:
         assert stats["num_preemptions"] > 0
-    with pytest.raises(ValueError, match="n-gram"):
+    with pytest.raises(ValueError, match="n-gram or the draft-model"):
         LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=8,
-                  speculative=SpeculativeDecoder.draft(serve_model, 2))
+                  speculative=SpeculativeDecoder(_ListProposer({}), 2))
 
 
 def test_block_manager_shrink_returns_tail_blocks():
@@ -376,8 +376,10 @@ def test_block_manager_shrink_returns_tail_blocks():
     head = list(blocks.table("a")[:2])
     assert blocks.shrink("a", 6) == 2 and blocks.table("a") == head and blocks.num_free_blocks == 6
     assert blocks.shrink("a", 8) == 0 and blocks.shrink("missing", 0) == 0
+    freed = []
+    blocks.free_listeners.append(freed.append)
     blocks.free("a")
-    assert blocks.num_used_blocks == 0
+    assert blocks.num_used_blocks == 0 and freed == ["a"]  # what a draft model's cache follows
 
 
 def test_serve_speculative_ngram_flag_and_metrics(serve_model, tiny_tokenizer, tmp_path):
@@ -407,9 +409,6 @@ def test_serve_speculative_ngram_flag_and_metrics(serve_model, tiny_tokenizer, t
     proposed = app.state.server.llm.stats()["spec_proposed"]
     assert metric_value(metrics, "tritium_spec_proposed_tokens") == proposed
     assert "tritium_spec_acceptance_rate" in metrics and "tritium_spec_mean_accepted_length" in metrics
-    with pytest.raises(ValueError, match="ngram only"):
-        cli_serve.build_app(parser.parse_args(["--checkpoint", str(tmp_path), "--speculative", "draft",
-                                               "--draft-checkpoint", str(tmp_path)]))
 
 
 def test_sampled_draft_and_engine_paths_run_and_release(serve_model, tiny_tokenizer, serve_prompts):
@@ -435,3 +434,225 @@ def test_sampled_draft_and_engine_paths_run_and_release(serve_model, tiny_tokeni
     assert final["t"].token_ids == greedy[0].token_ids[:10]
     stats = engine.stats()
     assert stats["kv_blocks_used"] == 0 and stats["spec_proposed"] > stats["spec_accepted"] > 0
+
+
+# --------------------------------------------------------------------------- the engine with a draft model
+
+def _random_draft(serve_model, seed=7):
+    torch.manual_seed(seed)
+    return Transformer(serve_model.config.replace(num_layers=1, name="draft"), backend="torch").eval()
+
+
+@pytest.mark.parametrize("blocks,draft", [(64, "same"), (14, "same"), (14, "other")])
+def test_engine_draft_greedy_identical(serve_model, tiny_tokenizer, serve_prompts, greedy_reference, blocks, draft):
+    """The draft model inside the engine: greedy outputs equal the no-cache reference with chunked prefill
+    (7 tokens a step, so the draft's own catch-up is chunked too), plain rows (back-off, a sampled row) in
+    the batch and, with 14 blocks, preemption. Every greedy proposal equals the draft model's own no-cache
+    greedy continuation, so its paged cache stayed in sync through catch-up, rollback and recompute; the
+    target as its own draft accepts everything; both block pools end idle."""
+    from tritium.serve.engine import LLMEngine
+
+    prompts = [_ids(tiny_tokenizer, p) for p in serve_prompts + ["abc abc abc abc abc"]]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (14, 6, 12, 9, 16)]
+    expected = [greedy_reference(p, sp.max_tokens) for p, sp in zip(prompts, params)]
+    model = serve_model if draft == "same" else _random_draft(serve_model)
+    spec = SpeculativeDecoder.draft(model, 3)
+    spec.backoff = draft == "other"
+    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=blocks, max_num_seqs=6,
+                       max_prefill_tokens=7, speculative=spec)
+    paged, seen = spec.proposer.paged, []
+    propose = paged.propose
+
+    def recording(requests, budgets):
+        proposals, qs = propose(requests, budgets)
+        seen.extend((list(r.state.all_ids), p) for r, p in zip(requests, proposals)
+                    if p and r.state.params.greedy)
+        return proposals, qs
+
+    paged.propose = recording
+    requests = [(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    requests.insert(2, ("s", prompts[1], SamplingParams(max_tokens=8, temperature=0.9, seed=3, ignore_eos=True)))
+    final = _engine_run(engine, requests)
+    for i, want in enumerate(expected):
+        assert final[f"r{i}"].token_ids == want, i
+    assert final["s"].completion_tokens == 8
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["spec_draft_kv_blocks_used"] == 0
+    assert stats["spec_draft_kv_blocks_total"] == blocks and not paged.held
+    assert stats["spec_proposed"] > 0 and len(seen) > 3
+    with torch.no_grad():
+        for ids, proposal in seen:
+            ids, own = list(ids), []
+            for _ in proposal:
+                own.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+                ids.append(own[-1])
+            assert proposal == own
+    if blocks == 14:
+        assert stats["num_preemptions"] > 0
+    if draft == "same":
+        assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_mean_accepted_length"] > 2.5
+    else:
+        assert stats["spec_acceptance_rate"] < 0.5
+
+
+def test_paged_draft_catches_up_in_chunks_and_rolls_back(serve_model, tiny_tokenizer):
+    """PagedDraft alone, two rows batched: a long prompt is fed in max_prefill_tokens chunks (no proposal
+    until it is in); after the target rejects the proposals and decodes on, the draft drops its stale
+    tail; every proposal equals the draft's own no-cache greedy continuation; release frees the blocks."""
+    from tritium.serve.speculative import PagedDraft
+
+    draft = _random_draft(serve_model)
+    paged = PagedDraft(draft, num_blocks=32, block_size=4, max_prefill_tokens=5)
+    vocab = serve_model.config.vocab_size
+
+    class Request:  # what PagedDraft reads of an engine request
+        def __init__(self, request_id, text):
+            self.request_id = request_id
+            self.state = SequenceState(_ids(tiny_tokenizer, text),
+                                       SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                                       tiny_tokenizer)
+
+    @torch.no_grad()
+    def own(ids, k):
+        ids, out = list(ids), []
+        for _ in range(k):
+            out.append(int(draft(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(out[-1])
+        return out
+
+    a, b = Request("a", "def main():\n    return 0"), Request("b", "x")
+    assert len(a.state.prompt_ids) >= 10 and len(b.state.prompt_ids) <= 4
+    calls = 0
+    while True:
+        calls += 1
+        (pa, pb), _ = paged.propose([a, b], [3, 2])
+        assert pb == own(b.state.all_ids, 2)
+        if pa:
+            break
+        assert paged.held["a"] == a.state.prompt_ids[:5 * calls]  # one chunk a step
+    assert calls == -(-len(a.state.prompt_ids) // 5) and pa == own(a.state.all_ids, 3)
+    # The target rejects a's first proposal and decodes two more tokens plainly; b accepts everything.
+    for token in [(pa[0] + 1) % vocab, 5, 7]:
+        a.state.append(token)
+    for token in pb + [9]:
+        b.state.append(token)
+    (pa, pb), _ = paged.propose([a, b], [3, 2])
+    assert pa == own(a.state.all_ids, 3) and pb == own(b.state.all_ids, 2)
+    assert paged.held["a"] == a.state.all_ids + pa[:2]
+    assert len(paged.blocks.table("a")) == paged.blocks.blocks_for(len(a.state.all_ids) + 2)
+    paged.release("a")
+    paged.release("b")
+    assert paged.blocks.num_used_blocks == 0 and not paged.held
+
+
+def test_engine_draft_abort_and_failure_free_draft_blocks(serve_model, tiny_tokenizer, serve_prompts,
+                                                          greedy_reference):
+    """An aborted request and one whose detokenizing fails give back their draft blocks at once; the
+    request left running is unaffected."""
+    from tritium.serve.engine import LLMEngine
+
+    prompts = [_ids(tiny_tokenizer, p) for p in serve_prompts[:3]]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    spec = SpeculativeDecoder.draft(serve_model, 2)
+    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=64, max_num_seqs=4,
+                       max_prefill_tokens=64, speculative=spec)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    paged = spec.proposer.paged
+    for _ in range(3):
+        engine.step()
+    assert set(paged.held) == {"r0", "r1", "r2"} and all(paged.blocks.table(r) for r in paged.held)
+    used = paged.blocks.num_used_blocks
+    assert engine.abort_request("r0")
+    assert "r0" not in paged.held and not paged.blocks.table("r0") and paged.blocks.num_used_blocks < used
+
+    def broken(token_id):
+        raise RuntimeError("detokenizer broke")
+
+    engine._requests["r1"].state.tracker.add = broken
+    final = engine.run_to_completion()
+    assert final["r0"].finish_reason == "abort"
+    assert final["r1"].finish_reason == "error" and "detokenizer broke" in final["r1"].error
+    assert final["r2"].token_ids == greedy_reference(prompts[2], 20)
+    stats = engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["spec_draft_kv_blocks_used"] == 0 and not paged.held
+
+
+def test_engine_draft_sampled_follows_target_distribution(serve_model, tiny_tokenizer, plain):
+    """Sampled rows through the engine with a draft model (rejection sampling with the draft's processed
+    q): the joint distribution of the first two tokens (the second one speculated) matches plain
+    sampling (two-sample chi-square). The draft is the target with its final norm scaled by 0.3, so q is
+    a flatter p: ~80% of proposals are accepted, and a verifier that accepted every proposal (emitting
+    q) fails the test (p ~ 4e-5 with these seeds; the exact rule gives p ~ 0.17)."""
+    from tritium.serve.engine import LLMEngine
+
+    prompt = _ids(tiny_tokenizer, "import os")
+    rows = 300
+    params = [SamplingParams(max_tokens=4, temperature=1.0, top_k=5, seed=1000 + i, ignore_eos=True,
+                             repetition_penalty=1.1) for i in range(rows)]
+    a = [tuple(o.token_ids[:2]) for o in plain.generate([prompt] * rows, params)]
+    draft = Transformer(serve_model.config, backend="torch").eval()
+    draft.load_state_dict(serve_model.state_dict())
+    with torch.no_grad():
+        draft.norm.weight.mul_(0.3)
+    spec = SpeculativeDecoder.draft(draft, 2)
+    spec.backoff = False
+    engine = LLMEngine(serve_model, tiny_tokenizer, block_size=4, num_blocks=4 * rows, max_num_seqs=rows,
+                       max_prefill_tokens=4 * rows, speculative=spec)
+    for i, p in enumerate(params):
+        engine.add_request(f"r{i}", prompt, SamplingParams(**{**p.__dict__, "seed": 70_000 + i}))
+    final = engine.run_to_completion()
+    b = [tuple(final[f"r{i}"].token_ids[:2]) for i in range(rows)]
+    stats = spec.stats
+    assert 0.3 * stats.proposed < stats.accepted < 0.95 * stats.proposed
+    keys = sorted(set(a) | set(b))
+    count = lambda xs: torch.tensor([xs.count(k) for k in keys], dtype=torch.float64)  # noqa: E731
+    ca, cb = count(a), count(b)
+    rare = (ca + cb) < 10
+    ca = torch.cat([ca[~rare], ca[rare].sum().view(1)])
+    cb = torch.cat([cb[~rare], cb[rare].sum().view(1)])
+    assert _chi_square_p(ca, cb) > 1e-3
+    assert engine.stats()["spec_draft_kv_blocks_used"] == 0
+
+
+def test_serve_speculative_draft_flag(serve_model, tiny_tokenizer, tmp_path):
+    """`tritium serve --speculative draft --draft-checkpoint DIR` answers with the plain greedy text and
+    exports the counters; a draft with another vocabulary is refused naming --draft-checkpoint."""
+    import argparse
+
+    from fastapi.testclient import TestClient
+    from serve_harness import metric_value
+
+    from tritium.serve import cli_serve
+
+    target, draft_dir, wrong_dir = tmp_path / "target", tmp_path / "draft", tmp_path / "wrong"
+    serve_model.save_pretrained(target)
+    tiny_tokenizer.save(target)
+    _random_draft(serve_model).save_pretrained(draft_dir)
+    cfg = serve_model.config
+    Transformer(cfg.replace(vocab_size=cfg.vocab_size + 64), backend="torch").save_pretrained(wrong_dir)
+    parser = argparse.ArgumentParser()
+    cli_serve.add_arguments(parser)
+    base = ["--checkpoint", str(target), "--num-blocks", "32", "--block-size", "4"]
+    args = parser.parse_args(base + ["--speculative", "draft", "--draft-checkpoint", str(target),
+                                     "--num-speculative-tokens", "3"])
+    app, _ = cli_serve.build_app(args)
+    prompt = "def main():"
+    want = Generator(serve_model, tiny_tokenizer).generate(
+        [prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0].text
+    with TestClient(app) as client:
+        body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0,
+                                                    "ignore_eos": True}).json()
+        metrics = client.get("/metrics").text
+    assert body["choices"][0]["text"] == want and body["usage"]["completion_tokens"] == 10
+    stats = app.state.server.llm.stats()
+    assert stats["spec_proposed"] > 0 and stats["spec_acceptance_rate"] == 1.0  # the target as its own draft
+    assert metric_value(metrics, "tritium_spec_proposed_tokens") == stats["spec_proposed"]
+    assert metric_value(metrics, "tritium_spec_acceptance_rate") == 1.0
+    assert stats["spec_draft_kv_blocks_used"] == 0 and "tritium_spec_draft_kv_blocks_used" in metrics
+    app2, _ = cli_serve.build_app(parser.parse_args(base + ["--speculative", "draft", "--draft-checkpoint",
+                                                            str(draft_dir)]))
+    assert app2.state.server.llm.speculative.proposer.model.config.num_layers == 1
+    with pytest.raises(ValueError, match="--draft-checkpoint"):
+        cli_serve.build_app(parser.parse_args(base + ["--speculative", "draft", "--draft-checkpoint",
+                                                      str(wrong_dir)]))
