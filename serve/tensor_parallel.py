@@ -28,6 +28,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -54,7 +56,7 @@ class TensorParallelModel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, control_group, processes: list[subprocess.Popen] | None = None,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, stopping: threading.Event | None = None) -> None:
         super().__init__()
         self.module = module
         self.config = module.config
@@ -63,6 +65,7 @@ class TensorParallelModel(nn.Module):
         self._control_group = control_group
         self._processes = processes or []
         self._saved_threads = num_threads
+        self._stopping = stopping or threading.Event()
         self._closed = False
 
     @property
@@ -116,6 +119,7 @@ class TensorParallelModel(nn.Module):
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()  # the ranks are about to exit on purpose
         try:
             dist.broadcast(torch.tensor([_STOP] + [0] * (_HEADER - 1)), src=0, group=self._control_group)
         except Exception as exc:  # noqa: BLE001 - a rank already gone: still reap and leave
@@ -228,6 +232,9 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
         rank, init_method = 0, f"tcp://127.0.0.1:{free_port()}"
         processes = [_start_worker(checkpoint, r, tensor_parallel, init_method, device, dtype, backend, verify)
                      for r in range(1, tensor_parallel)]
+    stopping = threading.Event()
+    if processes:
+        threading.Thread(target=_watch, args=(processes, stopping), name="tritium-tp-watch", daemon=True).start()
     try:
         torch_device = resolve_device(device, 0)
         group, control = _init_world(0, tensor_parallel, init_method, torch_device)
@@ -236,15 +243,29 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
                                       dtype=_dtype(dtype, torch_device), device=torch_device, backend=backend,
                                       verify=verify)
     except BaseException:
+        stopping.set()
         for process in processes:  # they may wait for a rendezvous that will never come
             process.kill()
             process.wait()
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
-    model = TensorParallelModel(module, control, processes, threads).eval()
+    model = TensorParallelModel(module, control, processes, threads, stopping).eval()
     atexit.register(model.close)
     return model
+
+
+def _watch(processes: list[subprocess.Popen], stopping: threading.Event, poll_s: float = 0.5) -> None:
+    """Rank 0 would wait forever for a rank that died (at the rendezvous, or inside a collective): exit instead."""
+    while not stopping.wait(poll_s):
+        for rank, process in enumerate(processes, 1):
+            code = process.poll()
+            if code is not None and not stopping.is_set():
+                print(f"tritium: tensor parallel: rank {rank} exited with status {code} (its error is above); "
+                      f"stopping rank 0 too", file=sys.stderr, flush=True)
+                time.sleep(0.5)  # let rank 0's own error, if any, be raised and printed first
+                if not stopping.is_set():
+                    os._exit(1)
 
 
 def _dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -100,6 +100,54 @@ def test_replicated_kv_heads_follow_their_query_groups():
     assert shard_spec("embed_tokens.weight", cfg, 1, 4) is None
 
 
+def test_each_rank_reads_only_its_slices(serve_model, tmp_path, monkeypatch):
+    """Rank 1 of 2 from a sharded checkpoint (no process group needed to load): its slices, never a whole
+    sharded tensor; a corrupt file is refused as by load_pretrained."""
+    import safetensors
+
+    from tritium.model.checkpoint import CheckpointError
+    from tritium.model.tensor_parallel import load_tensor_parallel, shard_state_dict
+
+    ckpt = serve_model.save_pretrained(tmp_path / "sharded", max_shard_size=40_000)
+    assert (ckpt / "model.safetensors.index.json").is_file()
+    whole_reads = []
+    real_open = safetensors.safe_open
+
+    class Spy:  # records get_tensor (whole tensors); the loader must only use get_slice
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def get_tensor(self, name):
+            whole_reads.append(name)
+            return self.inner.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr("tritium.model.tensor_parallel.safe_open", Spy)
+    rank1 = load_tensor_parallel(ckpt, 1, 2, backend="torch")
+    assert whole_reads == []
+    expected = shard_state_dict(serve_model.state_dict(), serve_model.config, 1, 2)
+    got = rank1.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert got["layers.1.mlp.down_proj.weight"].shape == (64, 64)  # (hidden, ffn_hidden / 2)
+    assert rank1.lm_head_weight is rank1.embed_tokens.weight  # tied, replicated
+
+    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its SHA-256"):
+        load_tensor_parallel(ckpt, 1, 2)
+
+
 # ----------------------------------------------------------------------------- 2 ranks
 def test_logits_equal_one_process(tp_model, reference):
     assert tp_model.config.num_heads == 2 and tp_model.config.num_kv_heads == 1  # rank 0 holds half the heads
