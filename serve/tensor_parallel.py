@@ -16,7 +16,7 @@ The control messages are small int64 CPU tensors on a gloo group (never pickles)
 the default group: gloo on CPU, NCCL on CUDA (a rank waiting for work then blocks on a socket, not in a
 spinning GPU collective).  ``close()`` broadcasts a stop message and waits for the ranks it started;
 those ranks run in their own session (a Ctrl-C or SIGTERM reaches rank 0 only, which drains first) and
-die with rank 0 if it is killed outright (``PR_SET_PDEATHSIG``).  CUDA graphs are off under tensor
+exit when rank 0 is gone if it is killed outright (they watch their parent).  CUDA graphs are off under tensor
 parallelism: a graph cannot capture the control broadcast.
 """
 from __future__ import annotations
@@ -277,7 +277,7 @@ def _dtype(dtype: str, device: torch.device) -> torch.dtype:
 def _start_worker(checkpoint, rank, tensor_parallel, init_method, device, dtype, backend, verify) -> subprocess.Popen:
     command = [sys.executable, "-m", WORKER_MODULE, "--checkpoint", str(checkpoint), "--rank", str(rank),
                "--tensor-parallel", str(tensor_parallel), "--init-method", init_method, "--device", device,
-               "--dtype", dtype]
+               "--dtype", dtype, "--parent-pid", str(os.getpid())]
     if backend is not None:
         command += ["--backend", backend]
     if verify is False:
@@ -302,9 +302,13 @@ def run_worker(checkpoint, rank: int, tensor_parallel: int, init_method: str, de
         dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tritium.train.guard import set_parent_death_signal
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os._exit(1)
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tritium.serve.tensor_parallel",
                                      description="one rank > 0 of a tensor-parallel model (started by rank 0)")
     parser.add_argument("--checkpoint", required=True)
@@ -315,10 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--backend", default=None)
     parser.add_argument("--no-verify-checksums", dest="verify", action="store_false", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (rank 0) is gone")
     args = parser.parse_args(argv)
-    # Die with rank 0 if it is killed outright; a signal meant for the server is rank 0's to handle.
-    set_parent_death_signal(signal.SIGKILL)
+    # A signal meant for the server is rank 0's to handle (it drains, then stops us); if rank 0 is killed
+    # outright, nobody will ever send the stop message, so we leave on our own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), name="tritium-tp-parent",
+                         daemon=True).start()
     try:
         run_worker(args.checkpoint, args.rank, args.tensor_parallel, args.init_method, args.device, args.dtype,
                    args.backend, args.verify)

@@ -248,3 +248,21 @@ def test_serve_command_answers_openai_client_and_all_ranks_exit(checkpoint, refe
         out = server.communicate()
         if server.returncode not in (0, None):
             print(json.dumps(out[1][-2000:]))
+
+
+def test_a_rank_exits_when_rank_0_is_killed_outright(checkpoint):
+    """SIGKILL leaves rank 0 no chance to send the stop message: rank 1 notices its parent is gone and exits."""
+    port = free_port()
+    shell = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -m tritium.serve.tensor_parallel --checkpoint '
+                              f'"{checkpoint}" --rank 1 --tensor-parallel 2 --init-method tcp://127.0.0.1:{port} '
+                              f'--device cpu --parent-pid $$ & wait'])
+    deadline = time.monotonic() + 30
+    while not psutil.Process(shell.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (rank1,) = psutil.Process(shell.pid).children()
+    time.sleep(1)
+    assert rank1.is_running()  # waiting at the rendezvous for a rank 0 that never comes
+    shell.kill()
+    shell.wait()
+    rank1.wait(timeout=60)  # psutil.TimeoutExpired if it outlives its parent
+    assert not rank1.is_running()
