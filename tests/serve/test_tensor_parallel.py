@@ -163,8 +163,10 @@ def test_generator_greedy_equals_one_process(tp_model, reference, tiny_tokenizer
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     expected = Generator(reference, tiny_tokenizer, compile=False).generate(serve_prompts[:3], params)
     launches = decode_launches.launches
-    got = Generator(tp_model, tiny_tokenizer, compile=False).generate(serve_prompts[:3], params)
+    generator = Generator(tp_model, tiny_tokenizer, compile=False)
+    got = generator.generate(serve_prompts[:3], params)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert generator._cache.k[0].shape[2] == 1  # rank 0's cache holds its 1 of the 2 kv heads
     assert decode_launches.launches - launches >= 8 * tp_model.config.num_layers  # the Triton decode kernel ran
 
 
@@ -178,6 +180,7 @@ def test_engine_greedy_equals_one_process_with_chunks_and_preemption(tp_model, r
         final = engine.run_to_completion()
         return {rid: out.token_ids for rid, out in final.items()}, engine.stats()
 
+    assert max(len(ids) for _, ids, _ in requests) > 16  # the longest prompt is prefilled in chunks
     expected, _ = run(reference)
     got, stats = run(tp_model)
     assert got == expected
