@@ -43,6 +43,9 @@ from tritium.serve.kv_cache import ContiguousKVCache, PagedKVCache
 
 WORKER_MODULE = "tritium.serve.tensor_parallel"
 _HEADER = 8  # op, cache kind, B, T, block-table width, cache size 0, cache size 1, has positions
+# A batch this small (every decode step of a few sequences) travels inside the header's message: one
+# round trip per forward instead of two.  Larger ones (long prefills) follow in a second broadcast.
+_INLINE = 128
 _STOP, _FORWARD = 0, 1
 _NO_CACHE, _CONTIGUOUS, _PAGED = 0, 1, 2
 # A waiting rank blocks in a broadcast for as long as the server idles: no collective timeout in practice.
@@ -111,8 +114,14 @@ class TensorParallelModel(nn.Module):
         elif kv_cache is not None:
             raise TypeError(f"tensor parallelism supports ContiguousKVCache and PagedKVCache, got {type(kv_cache)}")
         header = torch.tensor([_FORWARD, kind, B, T, width, *sizes, int(position_ids is not None)])
-        dist.broadcast(header, src=0, group=self._control_group)
-        dist.broadcast(torch.cat([p.to("cpu", torch.long) for p in parts]), src=0, group=self._control_group)
+        payload = torch.cat([p.to("cpu", torch.long) for p in parts])
+        message = torch.zeros(_HEADER + _INLINE, dtype=torch.long)
+        message[:_HEADER] = header
+        if payload.numel() <= _INLINE:
+            message[_HEADER:_HEADER + payload.numel()] = payload
+        dist.broadcast(message, src=0, group=self._control_group)
+        if payload.numel() > _INLINE:
+            dist.broadcast(payload, src=0, group=self._control_group)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the other ranks (they leave their loop and exit), wait for the ones we started, leave the world."""
@@ -121,7 +130,7 @@ class TensorParallelModel(nn.Module):
         self._closed = True
         self._stopping.set()  # the ranks are about to exit on purpose
         try:
-            dist.broadcast(torch.tensor([_STOP] + [0] * (_HEADER - 1)), src=0, group=self._control_group)
+            dist.broadcast(torch.zeros(_HEADER + _INLINE, dtype=torch.long), src=0, group=self._control_group)
         except Exception as exc:  # noqa: BLE001 - a rank already gone: still reap and leave
             print(f"tritium: tensor parallel: could not reach every rank to stop it: {exc}", file=sys.stderr)
         for process in self._processes:
@@ -139,16 +148,19 @@ class TensorParallelModel(nn.Module):
 def serve_forward_calls(model: nn.Module, control_group, device: torch.device) -> None:
     """A rank > 0: run every forward pass rank 0 broadcasts, on this rank's own caches, until told to stop."""
     caches: dict[int, ContiguousKVCache | PagedKVCache] = {}
-    header = torch.empty(_HEADER, dtype=torch.long)
+    message = torch.empty(_HEADER + _INLINE, dtype=torch.long)
     with torch.inference_mode():
         while True:
-            dist.broadcast(header, src=0, group=control_group)
-            op, kind, B, T, width, size0, size1, has_positions = header.tolist()
+            dist.broadcast(message, src=0, group=control_group)
+            op, kind, B, T, width, size0, size1, has_positions = message[:_HEADER].tolist()
             if op == _STOP:
                 return
             count = B * T * (1 + has_positions) + (B if kind != _NO_CACHE else 0) + B * width
-            payload = torch.empty(count, dtype=torch.long)
-            dist.broadcast(payload, src=0, group=control_group)
+            if count <= _INLINE:
+                payload = message[_HEADER:_HEADER + count].clone()
+            else:
+                payload = torch.empty(count, dtype=torch.long)
+                dist.broadcast(payload, src=0, group=control_group)
             input_ids, rest = payload[:B * T].view(B, T), payload[B * T:]
             position_ids = None
             if has_positions:

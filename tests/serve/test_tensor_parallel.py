@@ -149,14 +149,23 @@ def test_each_rank_reads_only_its_slices(serve_model, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2 ranks
-def test_logits_equal_one_process(tp_model, reference):
+def test_logits_equal_one_process(tp_model, reference, monkeypatch):
+    from tritium.serve import tensor_parallel
+
+    sizes = []  # of rank 0's control broadcasts: a small batch rides in one message, a larger needs a second
+    broadcast = tensor_parallel.dist.broadcast
+    monkeypatch.setattr(tensor_parallel.dist, "broadcast", lambda t, *a, **k: sizes.append(t.numel()) or
+                        broadcast(t, *a, **k))
     assert tp_model.config.num_heads == 2 and tp_model.config.num_kv_heads == 1  # rank 0 holds half the heads
     local_q = tp_model.module.layers[0].self_attn.q_proj.weight
     assert local_q.shape == (32, 64) and torch.equal(local_q, reference.layers[0].self_attn.q_proj.weight[:32])
-    ids = torch.randint(0, reference.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected, got = reference(ids), tp_model(ids)
-    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+    for shape in ((2, 11), (2, 70)):
+        ids = torch.randint(0, reference.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected, got = reference(ids), tp_model(ids)
+        torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+    message = tensor_parallel._HEADER + tensor_parallel._INLINE
+    assert sizes == [message, message, 140]
 
 
 def test_generator_greedy_equals_one_process(tp_model, reference, tiny_tokenizer, serve_prompts, decode_launches):
