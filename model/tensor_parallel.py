@@ -103,7 +103,7 @@ def shard_spec(name: str, config: ModelConfig, rank: int, tensor_parallel: int) 
         if kv >= tp:
             per = kv // tp * D
             return 0, rank * per, (rank + 1) * per
-        head = rank // (tp // kv)  # ranks r*tp/kv .. share kv head r: their query heads are its group
+        head = rank // (tp // kv)  # kv head h serves the query heads of ranks h*tp/kv .. (h+1)*tp/kv - 1
         return 0, head * D, (head + 1) * D
     if leaf == "o_proj":
         per = config.num_heads // tp * D
@@ -132,7 +132,6 @@ def build_local_model(config: ModelConfig, tensor_parallel: int, group=None, bac
                 mlp.down_proj = RowParallelLinear(cfg.ffn_hidden, cfg.hidden_size, group)
     model.full_config = config
     model.tensor_parallel = tensor_parallel
-    model._bind(model.embed_tokens.weight.device)  # the new modules need no kernels, but keep one table
     return model
 
 
