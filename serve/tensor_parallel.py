@@ -231,7 +231,13 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
     from tritium.model.tensor_parallel import check_tensor_parallel
 
     check_tensor_parallel(read_config(checkpoint), tensor_parallel)  # fail before anything starts
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun made the world
+    if dist.is_initialized():
+        raise RuntimeError(f"torch.distributed is already initialised in this process (world size "
+                           f"{dist.get_world_size()}); tensor parallelism starts its own world: call "
+                           f"torch.distributed.destroy_process_group() first")
+    # A launcher's world (torchrun) has RANK/WORLD_SIZE > 1; a 1-rank world a single process made for itself
+    # (tritium train's in-process DeepSpeed) leaves WORLD_SIZE=1 behind, which is no world to join.
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if int(os.environ["WORLD_SIZE"]) != tensor_parallel:
             raise ValueError(f"tensor_parallel={tensor_parallel} but the launcher started WORLD_SIZE="
                              f"{os.environ['WORLD_SIZE']} ranks")
