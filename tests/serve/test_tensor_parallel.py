@@ -219,13 +219,13 @@ def test_generate_command_replicates_a_single_kv_head(serve_model, tiny_tokenize
     assert "12 completion tokens" in result.stderr
 
 
-def test_serve_command_answers_openai_client_and_all_ranks_exit(checkpoint, reference, tiny_tokenizer):
+def test_serve_command_answers_openai_client_and_all_ranks_exit(checkpoint, serve_model, tiny_tokenizer):
     import httpx
     import openai
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tritium", "serve", "--checkpoint", str(checkpoint),
-                               "--port", str(port), "--device", "cpu", "--backend", BACKEND, "--tensor-parallel", "2",
+                               "--port", str(port), "--device", "cpu", "--backend", "torch", "--tensor-parallel", "2",
                                "--num-blocks", "16", "--block-size", "4", "--log-level", "warning"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -243,7 +243,7 @@ def test_serve_command_answers_openai_client_and_all_ranks_exit(checkpoint, refe
         assert len(ranks) == 1  # rank 1
 
         prompt = "import os"
-        expected = Generator(reference, tiny_tokenizer, compile=False).generate(
+        expected = Generator(serve_model, tiny_tokenizer, compile=False).generate(
             [prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0].text
         oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         done = oai.completions.create(model="tritium", prompt=prompt, max_tokens=6, temperature=0)
