@@ -40,9 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false", default=None,
                          help="load weights whose checksums.sha256 does not match (files changed on purpose)")
     runtime.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even on CUDA")
+    add_tensor_parallel_argument(runtime)
     runtime.add_argument("--no-stream", action="store_true", help="print the completion once, at the end")
     runtime.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr at the end")
     add_speculative_arguments(parser)
+
+
+def add_tensor_parallel_argument(group) -> None:
+    """--tensor-parallel N (``generate`` and ``serve``)."""
+    group.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="split the model over N ranks (GPUs, or CPU processes), each holding 1/N of the heads "
+                            "and FFN; this process is rank 0 and starts the others (default 1)")
 
 
 def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,9 +129,7 @@ def speculative_from_args(args: argparse.Namespace, target=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritium.serve.generator import Generator
     from tritium.serve.sampling import SamplingParams
-    from tritium.serve.sequence import encode_prompt
 
     text = _read_prompt(args)
     params = SamplingParams(
@@ -131,8 +137,44 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
         stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-    model, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype, args.backend,
-                                          verify=args.verify_checksums)
+    model, tokenizer = load_model_and_tokenizer(args)
+    try:
+        return _generate(args, text, params, model, tokenizer)
+    finally:
+        if hasattr(model, "close"):  # tensor parallel: stop the other ranks
+            model.close()
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """``load_for_inference``, or with ``--tensor-parallel N`` > 1 the ranks' model (rank 0's view)."""
+    tensor_parallel = getattr(args, "tensor_parallel", 1)
+    if tensor_parallel == 1:
+        return load_for_inference(args.checkpoint, getattr(args, "tokenizer", None), args.device, args.dtype,
+                                  args.backend, verify=args.verify_checksums)
+    if tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
+    if getattr(args, "speculative", None) is not None:
+        raise ValueError("--speculative does not combine with --tensor-parallel yet")
+    from tritium.model.tokenizer import Tokenizer
+    from tritium.serve.tensor_parallel import launch
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
+    tokenizer = Tokenizer.load(getattr(args, "tokenizer", None) or checkpoint)
+    model = launch(checkpoint, tensor_parallel, device=args.device, dtype=args.dtype, backend=args.backend,
+                   verify=args.verify_checksums)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model.close()
+        raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's "
+                         f"({model.config.vocab_size}): wrong tokenizer for this checkpoint?")
+    return model, tokenizer
+
+
+def _generate(args: argparse.Namespace, text: str, params, model, tokenizer) -> int:
+    from tritium.serve.generator import Generator
+    from tritium.serve.sequence import encode_prompt
+
     if args.chat:
         from tritium.model.chat import encode_prompt as encode_chat_prompt
 
@@ -143,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
         if args.system:
             raise ValueError("--system needs --chat")
         prompt_ids = encode_prompt(tokenizer, text)
-    generator = Generator(model, tokenizer, compile=not args.no_cuda_graph,
-                          speculative=speculative_from_args(args, model))
+    # CUDA graphs cannot capture tensor parallelism's control broadcast: eager there.
+    compile = not args.no_cuda_graph and getattr(args, "tensor_parallel", 1) == 1
+    generator = Generator(model, tokenizer, compile=compile, speculative=speculative_from_args(args, model))
     start = time.perf_counter()
     completion_tokens = 0
     if args.no_stream:

@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--no-prefix-caching", action="store_true",
                          help="recompute every prompt instead of reusing the KV blocks of cached prefixes")
     runtime.add_argument("--log-level", default="info", help="uvicorn log level")
-    from tritium.serve.cli_generate import add_speculative_arguments
+    from tritium.serve.cli_generate import add_speculative_arguments, add_tensor_parallel_argument
+
+    add_tensor_parallel_argument(runtime)
 
     add_speculative_arguments(parser)  # --speculative ngram | draft --draft-checkpoint DIR
 
@@ -81,7 +83,7 @@ def read_api_key(args: argparse.Namespace) -> str | None:
 def build_app(args: argparse.Namespace):
     """(app, config) for parsed ``tritium serve`` arguments (loads the checkpoint)."""
     from tritium.serve.api import ServeConfig, create_app
-    from tritium.serve.cli_generate import load_for_inference, speculative_from_args
+    from tritium.serve.cli_generate import load_model_and_tokenizer, speculative_from_args
     from tritium.serve.engine import LLMEngine
 
     config = ServeConfig.from_env(model_name=args.model_name, api_key=read_api_key(args),
@@ -89,21 +91,28 @@ def build_app(args: argparse.Namespace):
                                   max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                                   policy_file=args.policy, docs_dir=args.docs, retrieval_top_k=args.top_k_docs,
                                   shutdown_grace_s=args.shutdown_grace)
-    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend,
-                                          verify=args.verify_checksums)
-    engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
-                       max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
-                       speculative=speculative_from_args(args, model))
-    return create_app(engine, tokenizer, config), config
+    model, tokenizer = load_model_and_tokenizer(args)  # --tensor-parallel N: rank 0's view of N ranks
+    try:
+        engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
+                           max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
+                           speculative=speculative_from_args(args, model))
+        app = create_app(engine, tokenizer, config)
+    except BaseException:
+        if hasattr(model, "close"):
+            model.close()
+        raise
+    app.state.tensor_parallel_model = model if hasattr(model, "close") else None
+    return app, config
 
 
-def make_server(app, host: str, port: int, grace_s: float, log_level: str = "info"):
+def make_server(app, host: str, port: int, grace_s: float, log_level: str = "info", on_shutdown=None):
     """A uvicorn Server that drains before it closes.
 
     The first SIGTERM/SIGINT flips the app to draining while the socket stays open: new requests get a
     503 JSON error, requests in flight get ``grace_s`` to finish, the rest end with a 503 (an SSE error
     event then ``data: [DONE]`` on streams), and only then does uvicorn close.  A second signal exits at
-    once.  A fatal engine error makes the server exit too (``run`` then returns 1).
+    once.  A fatal engine error makes the server exit too (``run`` then returns 1).  ``on_shutdown`` runs
+    after the app's shutdown (engine stopped), before uvicorn re-raises the signal that stopped it.
     """
     import asyncio
 
@@ -133,6 +142,11 @@ def make_server(app, host: str, port: int, grace_s: float, log_level: str = "inf
             finally:
                 super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            if on_shutdown is not None:
+                await asyncio.to_thread(on_shutdown)
+
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config)
@@ -149,7 +163,13 @@ def run(args: argparse.Namespace) -> int:
               f"can use the model (set --api-key or $TRITIUM_API_KEY)", file=sys.stderr)
     print(f"tritium serve: {config.model_name} on http://{args.host}:{args.port}/v1 "
           f"(api key {'required' if config.api_key else 'off'}, pid {os.getpid()})", file=sys.stderr)
-    make_server(app, args.host, args.port, config.shutdown_grace_s, args.log_level).run()
+    tp_model = app.state.tensor_parallel_model  # the engine stops first, then the other ranks
+    try:
+        make_server(app, args.host, args.port, config.shutdown_grace_s, args.log_level,
+                    on_shutdown=tp_model.close if tp_model is not None else None).run()
+    finally:
+        if tp_model is not None:
+            tp_model.close()
     if app.state.server.fatal_error is not None:
         print(f"tritium serve: the engine failed, exiting so a supervisor can restart it: "
               f"{app.state.server.fatal_error}", file=sys.stderr)
