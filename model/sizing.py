@@ -562,23 +562,26 @@ ALL_REDUCES_PER_BLOCK = 2
 
 
 def check_tensor_parallel(cfg: ModelConfig, tensor_parallel: int) -> None:
-    """Raise ``ValueError`` (naming ``tensor_parallel``) unless ``cfg`` splits over ``tensor_parallel`` ranks.
+    """Raise a one-line ``ValueError`` (naming ``tensor_parallel`` and the field) unless ``cfg`` splits over
+    ``tensor_parallel`` ranks.
 
     Each rank must hold whole attention heads (``num_heads % t == 0``), whole KV heads or a replica of
     one (``num_kv_heads % t == 0``, or ``t % num_kv_heads == 0`` when there are fewer KV heads than
-    ranks), and an equal share of the FFN columns (``ffn_hidden % t == 0``)."""
+    ranks), and an equal share of the FFN columns (``ffn_hidden % t == 0``). The one check for both the
+    sizing here and the tensor-parallel model (``tritium.model.tensor_parallel``)."""
     t = tensor_parallel
     if not isinstance(t, int) or isinstance(t, bool) or t < 1:
         raise ValueError(f"tensor_parallel must be a positive integer, got {t!r}")
     if cfg.num_heads % t:
-        raise ValueError(f"tensor_parallel={t} must divide num_heads={cfg.num_heads} (each rank holds whole "
-                         "attention heads)")
-    if cfg.num_kv_heads % t and t % cfg.num_kv_heads:
-        raise ValueError(f"tensor_parallel={t} must divide num_kv_heads={cfg.num_kv_heads}, or be a multiple of "
-                         "it (fewer KV heads than ranks: each KV head is replicated)")
+        raise ValueError(f"tensor_parallel={t} does not divide num_attention_heads={cfg.num_heads}: "
+                         "choose a tensor_parallel that divides it (each rank holds whole attention heads)")
+    kv = cfg.num_kv_heads
+    if kv % t and t % kv:
+        raise ValueError(f"tensor_parallel={t} and num_key_value_heads={kv}: one must divide the other "
+                         "(kv heads are split across ranks, or replicated when there are fewer than ranks)")
     if cfg.ffn_hidden % t:
-        raise ValueError(f"tensor_parallel={t} must divide ffn_hidden={cfg.ffn_hidden} (the FFN is split by "
-                         "columns)")
+        raise ValueError(f"tensor_parallel={t} does not divide intermediate_size (ffn_hidden)={cfg.ffn_hidden} "
+                         "(the FFN is split by columns)")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from tritium.model.checkpoint import (
     verify_checksums,
 )
 from tritium.model.config import ModelConfig
+from tritium.model.sizing import check_tensor_parallel
 from tritium.model.transformer import Transformer
 
 _IGNORED_SUFFIX = "rotary_emb.inv_freq"  # buffers old HF checkpoints carry; recomputed, so skipped
@@ -65,22 +66,6 @@ class RowParallelLinear(nn.Linear):
         out = F.linear(x, self.weight)
         dist.all_reduce(out, group=self.group)
         return out
-
-
-def check_tensor_parallel(config: ModelConfig, tensor_parallel: int) -> None:
-    """ValueError (one line, naming the fields) unless ``config`` splits evenly over ``tensor_parallel`` ranks."""
-    tp = tensor_parallel
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise ValueError(f"tensor_parallel must be a positive integer, got {tp!r}")
-    if config.num_heads % tp:
-        raise ValueError(f"tensor_parallel={tp} does not divide num_attention_heads={config.num_heads}: "
-                         f"choose a tensor_parallel that divides it")
-    kv = config.num_kv_heads
-    if kv % tp and tp % kv:
-        raise ValueError(f"tensor_parallel={tp} and num_key_value_heads={kv}: one must divide the other "
-                         f"(kv heads are split across ranks, or replicated when there are fewer than ranks)")
-    if config.ffn_hidden % tp:
-        raise ValueError(f"tensor_parallel={tp} does not divide intermediate_size (ffn_hidden)={config.ffn_hidden}")
 
 
 def local_config(config: ModelConfig, tensor_parallel: int) -> ModelConfig:

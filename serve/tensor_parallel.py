@@ -228,7 +228,7 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
     rank 0 closes, then exit.  ``close()`` the returned model when done (also run at interpreter exit).
     """
     from tritium.model.checkpoint import read_config
-    from tritium.model.tensor_parallel import check_tensor_parallel
+    from tritium.model.sizing import check_tensor_parallel
 
     check_tensor_parallel(read_config(checkpoint), tensor_parallel)  # fail before anything starts
     if dist.is_initialized():

@@ -68,9 +68,9 @@ def test_kv_heads_replicate_and_vocab_splits():
     (ModelConfig.from_name("tiny"), 0, "tensor_parallel must be a positive integer"),
     (ModelConfig.from_name("tiny"), 1.0, "tensor_parallel must be a positive integer"),
     (ModelConfig.from_name("tiny"), True, "tensor_parallel must be a positive integer"),
-    (ModelConfig.from_name("tiny"), 4, r"tensor_parallel=4 must divide num_heads=6"),
-    (ModelConfig.from_name("tiny"), 3, r"tensor_parallel=3 must divide num_kv_heads=2"),
-    (ModelConfig(hidden_size=64, num_layers=1, num_heads=4, ffn_hidden=90), 4, r"ffn_hidden=90"),
+    (ModelConfig.from_name("tiny"), 4, r"tensor_parallel=4 does not divide num_attention_heads=6"),
+    (ModelConfig.from_name("tiny"), 3, r"tensor_parallel=3 and num_key_value_heads=2"),
+    (ModelConfig(hidden_size=64, num_layers=1, num_heads=4, ffn_hidden=90), 4, r"intermediate_size \(ffn_hidden\)=90"),
 ])
 def test_bad_degree_names_tensor_parallel(cfg, t, match):
     with pytest.raises(ValueError, match=match):
@@ -127,7 +127,7 @@ def test_describe_cli_tensor_parallel(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--preset", "tiny", "--tensor-parallel", "4"], "tensor_parallel=4 must divide num_heads=6"),
+    (["--preset", "tiny", "--tensor-parallel", "4"], "tensor_parallel=4 does not divide num_attention_heads=6"),
     (["--preset", "tiny", "--tensor-parallel", "0"], "--tensor-parallel must be a positive integer"),
 ])
 def test_describe_cli_bad_degree_is_one_line(capsys, argv, message):

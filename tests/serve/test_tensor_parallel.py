@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tritium.model.config import ModelConfig
-from tritium.model.tensor_parallel import check_tensor_parallel, local_config, shard_spec
+from tritium.model.sizing import check_tensor_parallel
+from tritium.model.tensor_parallel import local_config, shard_spec
 from tritium.model.transformer import Transformer
 from tritium.net import free_port
 from tritium.serve.engine import LLMEngine
