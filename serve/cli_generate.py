@@ -33,21 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop string (repeatable); the output is cut before it")
     group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence/end-of-turn")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
-    runtime.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                         help="weights/KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    runtime.add_argument("--backend", default=None, help="kernel backend (default: the checkpoint's config)")
-    runtime.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false", default=None,
-                         help="load weights whose checksums.sha256 does not match (files changed on purpose)")
+    add_model_arguments(runtime)
     runtime.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even on CUDA")
-    add_tensor_parallel_argument(runtime)
     runtime.add_argument("--no-stream", action="store_true", help="print the completion once, at the end")
     runtime.add_argument("--stats", action="store_true", help="print tokens and tokens/s to stderr at the end")
     add_speculative_arguments(parser)
 
 
-def add_tensor_parallel_argument(group) -> None:
-    """--tensor-parallel N (``generate`` and ``serve``)."""
+def add_model_arguments(group) -> None:
+    """How the checkpoint is loaded (``generate`` and ``serve``): --device, --dtype, --backend,
+    --no-verify-checksums, --tensor-parallel; read back by ``load_model_and_tokenizer``."""
+    group.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="weights/KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    group.add_argument("--backend", default=None, help="kernel backend (default: the checkpoint's config)")
+    group.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false", default=None,
+                       help="load weights whose checksums.sha256 does not match (files changed on purpose)")
     group.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="split the model over N ranks (GPUs, or CPU processes), each holding 1/N of the heads "
                             "and FFN; this process is rank 0 and starts the others (default 1)")

@@ -35,22 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="index the .txt/.md files in DIR (BM25) and inject the top-k chunks into prompts")
     rag.add_argument("--top-k-docs", type=int, default=3, help="chunks injected per request (default 3)")
     runtime = parser.add_argument_group("engine")
-    runtime.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
-    runtime.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                         help="weights/KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    runtime.add_argument("--backend", default=None, help="kernel backend (default: the checkpoint's config)")
-    runtime.add_argument("--no-verify-checksums", dest="verify_checksums", action="store_false", default=None,
-                         help="load weights whose checksums.sha256 does not match (files changed on purpose)")
+    from tritium.serve.cli_generate import add_model_arguments, add_speculative_arguments
+
+    add_model_arguments(runtime)
     runtime.add_argument("--max-num-seqs", type=int, default=32, help="requests batched together at most")
     runtime.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     runtime.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: sized by memory)")
     runtime.add_argument("--no-prefix-caching", action="store_true",
                          help="recompute every prompt instead of reusing the KV blocks of cached prefixes")
     runtime.add_argument("--log-level", default="info", help="uvicorn log level")
-    from tritium.serve.cli_generate import add_speculative_arguments, add_tensor_parallel_argument
-
-    add_tensor_parallel_argument(runtime)
-
     add_speculative_arguments(parser)  # --speculative ngram | draft --draft-checkpoint DIR
 
 
