@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from tritium.align.data import PreferencePair
-from tritium.align.sft import IGNORE_INDEX, EpochBatches, shifted_labels
+from tritium.align.sft import IGNORE_INDEX, EpochBatches, collate_padded
 from tritium.model.chat import encode_chat
 from tritium.train.loop import Objective
 
@@ -167,17 +167,9 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_len: int
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int,
                   reference_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``B`` pairs -> one ``(2B, T)`` batch, chosen rows first; reply lengths; cached reference log-probs."""
-    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids, labels = [], []
-    for ids, mask in sequences:
-        pad = width - len(ids)
-        input_ids.append(list(ids) + [pad_id] * pad)
-        labels.append(shifted_labels(ids, mask) + [IGNORE_INDEX] * pad)
-    labels_tensor = torch.tensor(labels, dtype=torch.long)
-    batch = {"input_ids": torch.tensor(input_ids, dtype=torch.long), "labels": labels_tensor,
-             "reply_lengths": (labels_tensor != IGNORE_INDEX).sum(-1),
-             "pair_index": torch.tensor([p.index for p in pairs], dtype=torch.long)}
+    batch = collate_padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["reply_lengths"] = (batch["labels"] != IGNORE_INDEX).sum(-1)
+    batch["pair_index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
     if reference_logps is not None:  # (num_pairs, 2): chosen, rejected
         rows = reference_logps[batch["pair_index"]]
         batch["ref_chosen_logps"], batch["ref_rejected_logps"] = rows[:, 0].clone(), rows[:, 1].clone()
