@@ -222,7 +222,7 @@ class LLMEngine:
         self.cache.prepare([self.blocks.table(r.request_id) for r, _ in rows], seqlens, T)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
         position_ids = torch.tensor(positions, dtype=torch.long).to(self.device)
-        last_index = torch.tensor(last, dtype=torch.long).to(self.device)
+        last_index = None if T == 1 else torch.tensor(last, dtype=torch.long).to(self.device)
         return last_token_logits(self.model, input_ids, position_ids, self.cache, last_index=last_index)
 
     def _emit(self, request: _Request, token: int, logprob: float | None) -> None:
@@ -275,10 +275,10 @@ class LLMEngine:
                 logits = self._forward([(r, 1) for r in plan.decodes])
                 for request in plan.decodes:
                     request.num_computed += 1
-                sampled.extend(zip(plan.decodes, logits))
+                sampled.extend(zip(plan.decodes, logits.unbind(0)))  # one op, not one select per row
             for group in _padding_groups(plan.prefills):
                 logits = self._forward(group)
-                for (request, chunk), row_logits in zip(group, logits):
+                for (request, chunk), row_logits in zip(group, logits.unbind(0)):
                     request.num_computed += chunk
                     self._counters["prompt_tokens_processed"] += chunk
                     if request.pending == 0:
