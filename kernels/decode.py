@@ -482,13 +482,34 @@ def _ref_index(k_cache, cache_seqlens, block_table, batch, seqlen_q, num_new, ca
     return index
 
 
+# One more row bucket in the one-token paged path costs about as much as this many padded keys
+# (measured on the 2-core CPU box, tiny preset: ~10 small ops per layer against ~0.1-0.35 us a key).
+DECODE_BUCKET_KEYS = 256
+
+
 @dataclass(frozen=True)
 class _PagedDecodeIndex:
     """The one-token paged decode's indices (see ``_paged_decode_ref``), shared by every layer."""
 
     write_slots: torch.Tensor  # (B,) slot of each new token in the cache viewed as (slots, Hkv, D)
-    read_blocks: torch.Tensor  # (B * W,) physical blocks, W = blocks of the longest row
-    bias: torch.Tensor  # (B, 1, W * page) fp32: 0 for the row's keys, -inf past its length
+    # (first row, end row, read_blocks (rows * W,), bias (rows, 1, W * page) fp32: 0 for the row's keys,
+    # -inf past its length); W = blocks of the bucket's longest row
+    buckets: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
+
+
+def _decode_buckets(total: list[int]) -> list[tuple[int, int]]:
+    """Row ranges attended separately: every row reads as many keys as the longest of its bucket, so
+    when rows come longest first (``LLMEngine`` orders its decodes so) the short tail gets its own
+    bucket where the keys that saves outweigh ``DECODE_BUCKET_KEYS``. Unordered rows: one bucket."""
+    n = len(total)
+    if n < 2 or any(a < b for a, b in zip(total, total[1:])):
+        return [(0, n)]
+    best, split = n * total[0], n
+    for i in range(1, n):
+        cost = i * total[0] + DECODE_BUCKET_KEYS + (n - i) * total[i]
+        if cost < best:
+            best, split = cost, i
+    return [(0, split), (split, n)] if split < n else [(0, n)]
 
 
 def _paged_decode_index(k_cache, cache_seqlens, block_table, batch) -> _PagedDecodeIndex:
@@ -500,15 +521,33 @@ def _paged_decode_index(k_cache, cache_seqlens, block_table, batch) -> _PagedDec
     page, device = k_cache.shape[1], k_cache.device
     lengths = cache_seqlens.long()
     total = lengths + 1  # keys each row attends: its cache and the new token
-    width = min(block_table.shape[1], -(-int(total.max()) // page))
-    table = block_table[:, :width].long()
+    table = block_table.long()
     write_slots = table.gather(1, (lengths // page)[:, None]).squeeze(1) * page + lengths % page
-    key_pos = torch.arange(width * page, device=device)
-    bias = torch.zeros(batch, 1, width * page, dtype=torch.float32, device=device)
-    bias.masked_fill_((key_pos >= total[:, None])[:, None, :], float("-inf"))
-    index = _PagedDecodeIndex(write_slots, table.flatten(), bias)
+    buckets = []
+    for first, end in _decode_buckets(total.tolist()):
+        width = min(block_table.shape[1], -(-int(total[first:end].max()) // page))
+        key_pos = torch.arange(width * page, device=device)
+        bias = torch.zeros(end - first, 1, width * page, dtype=torch.float32, device=device)
+        bias.masked_fill_((key_pos >= total[first:end, None])[:, None, :], float("-inf"))
+        buckets.append((first, end, table[first:end, :width].flatten(), bias))
+    index = _PagedDecodeIndex(write_slots, tuple(buckets))
     _REF_INDEX[:] = [(key, cache_seqlens.clone(), block_table.clone(), index)]
     return index
+
+
+def _attend_blocks(q, k_cache, v_cache, read_blocks, bias, scale, compute):
+    """q (n, 1, Hq, D) over the keys/values of ``read_blocks`` (n * W blocks) -> (n, Hkv, G, D), a view."""
+    rows, _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group, num_slots = num_heads // num_kv_heads, bias.shape[-1]
+    keys = k_cache.view(k_cache.shape[0], -1).index_select(0, read_blocks).view(rows, num_slots, -1)
+    values = v_cache.view(v_cache.shape[0], -1).index_select(0, read_blocks).view(rows, num_slots, -1)
+    keys, values = keys.to(compute), values.to(compute)
+    spread = q.new_zeros((rows, num_kv_heads, group, num_kv_heads, head_dim), dtype=compute)
+    spread.diagonal(dim1=1, dim2=3).copy_(q.view(rows, num_kv_heads, group, head_dim).permute(0, 2, 3, 1))
+    scores = torch.baddbmm(bias, spread.view(rows, num_heads, -1), keys.transpose(1, 2), alpha=scale)
+    out = torch.bmm(torch.softmax(scores, dim=-1), values).view(rows, num_kv_heads, group, num_kv_heads, head_dim)
+    return out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (n, Hkv, G, D)
 
 
 def _paged_decode_ref(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, compute):
@@ -520,23 +559,22 @@ def _paged_decode_ref(q, k_cache, v_cache, k, v, cache_seqlens, block_table, sca
     every head against that layout with no transpose copy; the diagonal blocks of the output are each q
     head's result. That costs Hkv times the (tiny) score flops, which is why only Hkv <= 2 takes it:
     measured on a 2-core CPU at 32 rows x 160 keys (tiny preset) it is ~25% faster than the slot gather.
+    Rows ordered longest first are attended in up to two buckets (``_decode_buckets``), so short rows
+    do not read as many keys as the longest.
     """
     batch, _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     index = _paged_decode_index(k_cache, cache_seqlens, block_table, batch)
     flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     flat_k.index_copy_(0, index.write_slots, k.view(batch, num_kv_heads, head_dim).to(k_cache.dtype))
     flat_v.index_copy_(0, index.write_slots, v.view(batch, num_kv_heads, head_dim).to(v_cache.dtype))
-    num_slots = index.bias.shape[-1]
-    keys = k_cache.view(k_cache.shape[0], -1).index_select(0, index.read_blocks).view(batch, num_slots, -1)
-    values = v_cache.view(v_cache.shape[0], -1).index_select(0, index.read_blocks).view(batch, num_slots, -1)
-    keys, values = keys.to(compute), values.to(compute)
-    spread = q.new_zeros((batch, num_kv_heads, group, num_kv_heads, head_dim), dtype=compute)
-    spread.diagonal(dim1=1, dim2=3).copy_(q.view(batch, num_kv_heads, group, head_dim).permute(0, 2, 3, 1))
-    scores = torch.baddbmm(index.bias, spread.view(batch, num_heads, -1), keys.transpose(1, 2), alpha=scale)
-    out = torch.bmm(torch.softmax(scores, dim=-1), values).view(batch, num_kv_heads, group, num_kv_heads, head_dim)
-    out = out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, Hkv, G, D)
+    if len(index.buckets) == 1:
+        _, _, read_blocks, bias = index.buckets[0]
+        out = _attend_blocks(q, k_cache, v_cache, read_blocks, bias, scale, compute)
+    else:
+        out = q.new_empty((batch, num_kv_heads, num_heads // num_kv_heads, head_dim), dtype=compute)
+        for first, end, read_blocks, bias in index.buckets:
+            out[first:end] = _attend_blocks(q[first:end], k_cache, v_cache, read_blocks, bias, scale, compute)
     return out.reshape(batch, 1, num_heads, head_dim).to(q.dtype)
 
 

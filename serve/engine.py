@@ -225,6 +225,12 @@ class LLMEngine:
     def _forward(self, rows: list[tuple[_Request, int]]) -> torch.Tensor:
         """Feed ``chunk`` new tokens of each request (right-padded); logits (B, V) at each chunk's end."""
         T = max(chunk for _, chunk in rows)
+        order = None
+        if T == 1 and len(rows) > 1:
+            # Decodes go longest first: the cache's attention then reads the short rows' keys in a
+            # bucket of their own instead of padding every row to the longest (kernels/decode.py).
+            order = sorted(range(len(rows)), key=lambda i: -rows[i][0].num_computed)
+            rows = [rows[i] for i in order]
         ids, positions, seqlens, last = [], [], [], []
         limit = self.max_model_len - 1
         for request, chunk in rows:
@@ -238,7 +244,10 @@ class LLMEngine:
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
         position_ids = torch.tensor(positions, dtype=torch.long).to(self.device)
         last_index = None if T == 1 else torch.tensor(last, dtype=torch.long).to(self.device)
-        return last_token_logits(self.model, input_ids, position_ids, self.cache, last_index=last_index)
+        logits = last_token_logits(self.model, input_ids, position_ids, self.cache, last_index=last_index)
+        if order is not None and order != sorted(order):  # back to the caller's row order
+            logits = torch.empty_like(logits).index_copy_(0, torch.tensor(order, device=logits.device), logits)
+        return logits
 
     def _emit(self, request: _Request, token: int, logprob: float | None) -> None:
         """Record one sampled token for one request: stop rules, detokenized text, finishing."""
