@@ -100,7 +100,8 @@ def _engine_factory(kind: str):
         from tritium.bench.generation import engine_workload, hf_generate_workload, hf_model_from
         from tritium.serve.engine import LLMEngine
 
-        backend = "triton" if device == "cuda" else "torch"
+        # CPU: "auto", what a user's engine runs there (eager norm/rope, the cache's torch attention).
+        backend = "triton" if device == "cuda" else "auto"
         model = _model(size["preset"], backend, device, dtype, 2048 if device == "cuda" else 512)
         tokenizer = _tokenizer()
         requests = _workload(size, min(model.config.vocab_size, tokenizer.vocab_size))

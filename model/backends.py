@@ -248,12 +248,20 @@ class _RMSNormEager(torch.autograd.Function):
         return dx, dweight, None
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rms_norm_eager(x, weight, eps=1e-6, residual=None):
     """``rms_norm_ref``'s signature and math with a hand-written backward (fewer tensor ops)."""
-    if residual is None:
-        return _RMSNormEager.apply(x, weight, eps)
-    h = x + residual
-    return _RMSNormEager.apply(h, weight, eps), h
+    h = x if residual is None else x + residual
+    if h.dtype == weight.dtype == torch.float32 and not _needs_grad(h, weight):
+        # Inference in fp32 (generation on CPU): one fused op, the same math (no rounding step in
+        # between to reproduce), no autograd node. 16-bit inputs keep HF's round-then-scale below.
+        y = F.rms_norm(h, (h.shape[-1],), weight, eps)
+    else:
+        y = _RMSNormEager.apply(h, weight, eps)
+    return y if residual is None else (y, h)
 
 
 class _RoPEEager(torch.autograd.Function):
@@ -275,14 +283,32 @@ class _RoPEEager(torch.autograd.Function):
         return (*grads, None, None)
 
 
+# The last (cos, sin) -> (cos, sin_signed) preparation: every layer of a forward pass gets the same
+# cos/sin tensors from ``Transformer.rotary``, so it is done once per pass instead of once per layer.
+# Held by identity (with the tensors themselves, so their ids cannot be reused while cached).
+_ROPE_PREP: list = [None]
+
+
+def _rope_tables(cos, sin, T, half, acc):
+    entry = _ROPE_PREP[0]
+    if entry is not None and entry[0] is cos and entry[1] is sin and entry[2] == (T, acc):
+        return entry[3], entry[4]
+    cos_t, sin_t = cos[..., :T, None, :].to(acc), sin[..., :T, None, :].to(acc)  # (.., T, 1, D): over heads
+    sin_signed = torch.cat([-sin_t[..., :half], sin_t[..., half:]], dim=-1)
+    if not (cos.requires_grad or sin.requires_grad):
+        _ROPE_PREP[0] = (cos, sin, (T, acc), cos_t, sin_signed)
+    return cos_t, sin_signed
+
+
 def apply_rope_eager(q, k, cos, sin, position_ids=None):
     """``apply_rope_ref``'s math on q (B, T, Hq, D), k (B, T, Hkv, D), cos/sin (T, D) or (B, T, D)."""
     if position_ids is not None:
         cos, sin = cos[position_ids], sin[position_ids]
     T, half = q.shape[1], q.shape[-1] // 2
     acc = _compute_dtype(q)
-    cos, sin = cos[..., :T, None, :].to(acc), sin[..., :T, None, :].to(acc)  # (.., T, 1, D): broadcast over heads
-    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    cos, sin_signed = _rope_tables(cos, sin, T, half, acc)
+    if q.dtype == acc and not _needs_grad(q, k):  # inference: the forward's ops without an autograd node
+        return tuple(torch.addcmul(t * cos, t.roll(half, -1), sin_signed) for t in (q, k))
     return _RoPEEager.apply(q, k, cos, sin_signed)
 
 

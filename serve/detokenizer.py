@@ -18,6 +18,7 @@ held back, so the concatenated stream always equals the final text.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -50,11 +51,24 @@ def bytes_to_token_text(data: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
+# tokenizer -> {token id: its text decoded alone}. In the steady state every add() decodes the previous
+# token alone (the window it subtracts), so that half of the decoding is a dict lookup.
+_SINGLE_TOKEN_TEXT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _single_token_texts(tokenizer) -> dict[int, str] | None:
+    try:
+        return _SINGLE_TOKEN_TEXT.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: decode every time
+        return None
+
+
 class IncrementalDetokenizer:
     """Feeds token ids, returns text deltas; ``flush()`` returns whatever was held back."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._single = _single_token_texts(tokenizer)
         # The completion is decoded on its own (as the final text is), so the window starts at its
         # first token; it then trails one token-window behind the newest token.
         self.ids: list[int] = []
@@ -62,9 +76,17 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""  # everything emitted so far
 
+    def _decode(self, ids: list[int]) -> str:
+        if len(ids) == 1 and self._single is not None:
+            text = self._single.get(ids[0])
+            if text is None:
+                text = self._single[ids[0]] = self.tokenizer.decode(ids)
+            return text
+        return self.tokenizer.decode(ids)
+
     def add(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR) \
                 and new_text.startswith(prefix_text):

@@ -159,12 +159,13 @@ def last_token_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_
     """Forward through ``kv_cache`` and return fp32 logits (B, V) at ``last_index`` (B,) (default: the last
     position), computing the head only there (a long prefill never builds (B, T, V) logits)."""
     B, T = input_ids.shape
-    if last_index is None:
-        last_index = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
-    rows = torch.arange(B, device=input_ids.device)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, ...) at last_index
+        if last_index is None:  # a decode step (T == 1) takes the view: no index tensors, no gather
+            return t[:, -1]
+        return t[torch.arange(B, device=t.device), last_index]
+
     if hasattr(model, "forward_hidden") and hasattr(model, "lm_head_weight"):
         hidden = model.forward_hidden(input_ids, position_ids=position_ids, kv_cache=kv_cache)  # (B, T, H)
-        last = hidden[rows, last_index]
-        return (last @ model.lm_head_weight.t()).float()
-    logits = model(input_ids, position_ids=position_ids, kv_cache=kv_cache)
-    return logits[rows, last_index].float()
+        return (pick(hidden) @ model.lm_head_weight.t()).float()
+    return pick(model(input_ids, position_ids=position_ids, kv_cache=kv_cache)).float()

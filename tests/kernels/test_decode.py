@@ -190,3 +190,32 @@ def test_traces_under_torch_compile(device):
     ref = flash_attn_with_kvcache(q, ref_k, ref_v, k_new, v_new, cache_seqlens=seqlens)
     torch.testing.assert_close(out, ref)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+@pytest.mark.parametrize("cache_lens", [[0, 15, 32, 37], [37, 32, 15, 0]])  # the second: longest first
+@pytest.mark.parametrize("num_heads, num_kv_heads, page_size, dtype", [
+    (6, 2, 16, torch.float32), (4, 1, 8, torch.float32), (6, 2, 16, torch.bfloat16)])
+def test_reference_one_token_paged_path_equals_the_general_path(num_heads, num_kv_heads, page_size, dtype,
+                                                                cache_lens, monkeypatch):
+    # The reference's one-new-token paged path (block gather, block-diagonal query, row buckets) must give
+    # what its general path gives (return_lse=True takes that one): outputs and cache writes, rows of 0
+    # keys, keys ending on a block boundary and rows shorter than their table included.
+    from tritium.kernels import decode
+
+    monkeypatch.setattr(decode, "DECODE_BUCKET_KEYS", 0)  # any saving splits: rows longest first get 2 buckets
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, block_table = make_cache(len(cache_lens), 64, num_kv_heads, 32, dtype, "cpu", page_size, gen)
+    original_k = k_cache.clone()
+    q = torch.randn(len(cache_lens), 1, num_heads, 32, generator=gen).to(dtype)
+    k_new, v_new = (torch.randn(len(cache_lens), 1, num_kv_heads, 32, generator=gen).to(dtype) for _ in range(2))
+    seqlens = torch.tensor(cache_lens, dtype=torch.int32)
+    general_k, general_v = k_cache.clone(), v_cache.clone()
+    fast = kvcache_attention_ref(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, block_table=block_table)
+    buckets = decode._REF_INDEX[0][-1].buckets
+    assert len(buckets) == (2 if cache_lens[0] > cache_lens[-1] else 1)
+    general, _ = kvcache_attention_ref(q, general_k, general_v, k_new, v_new, cache_seqlens=seqlens,
+                                       block_table=block_table, return_lse=True)
+    assert fast.shape == q.shape and fast.dtype == dtype
+    torch.testing.assert_close(fast, general, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+    assert torch.equal(k_cache, general_k) and torch.equal(v_cache, general_v)
+    assert not torch.equal(k_cache, original_k)  # the new keys were written

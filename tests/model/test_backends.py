@@ -187,3 +187,34 @@ def test_varlen_backend_matches_torch(setup, launches, backend):
     model.set_backend(backend)
     _assert_close_to_reference(_run(model, packed, packed_labels, cu_seqlens), reference)
     assert set(launches) == LAUNCHING[backend], launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_inference_path_equals_the_autograd_path(dtype):
+    # Without gradients, eager rope skips its autograd.Function (and prepares cos/sin once per pass) and
+    # fp32 eager norm is one fused op: rope must give training's values bit for bit; the fp32 norm is
+    # HF's math (rms_norm_ref) bit for bit, and training's within rounding (it sums squares differently).
+    from tritium.kernels import rms_norm_ref, rope_cos_sin
+    from tritium.model.backends import apply_rope_eager, rms_norm_eager
+
+    gen = torch.Generator().manual_seed(5)
+    x, res = (torch.randn(3, 5, 24, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(24, generator=gen).to(dtype)
+    q, k = torch.randn(3, 5, 6, 16, generator=gen).to(dtype), torch.randn(3, 5, 2, 16, generator=gen).to(dtype)
+    cos, sin = rope_cos_sin(40, 16, 10000.0)
+    positions = torch.randint(0, 40, (3, 5), generator=gen)
+    for cos_in, sin_in in ((cos, sin), (cos[positions], sin[positions])):  # (T, D) and per-row (B, T, D)
+        with torch.no_grad():
+            norms = [rms_norm_eager(x, weight), *rms_norm_eager(x, weight, residual=res)]
+            ropes = [*apply_rope_eager(q, k, cos_in, sin_in), *apply_rope_eager(q, k, cos_in, sin_in)]  # 2nd: cached
+        leaves = [t.clone().requires_grad_() for t in (x, weight, q, k)]
+        train_norms = [rms_norm_eager(leaves[0], leaves[1]), *rms_norm_eager(leaves[0], leaves[1], residual=res)]
+        train_ropes = apply_rope_eager(leaves[2], leaves[3], cos_in, sin_in)
+        assert train_norms[0].grad_fn is not None and train_ropes[0].grad_fn is not None  # autograd path ran
+        for got, want in zip(ropes, [*train_ropes, *train_ropes]):
+            assert got.dtype == dtype and torch.equal(got, want.detach())
+        for got, want in zip(norms, train_norms):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want.detach(), atol=0 if dtype == torch.bfloat16 else 1e-6, rtol=1e-5)
+        if dtype == torch.float32:
+            assert torch.equal(norms[0], rms_norm_ref(x, weight)) and torch.equal(norms[1], rms_norm_ref(x + res, weight))

@@ -237,3 +237,26 @@ def test_prefix_caching_keeps_greedy_outputs(serve_model, tiny_tokenizer, greedy
     assert results[False][1]["prefix_cache_hits"] == 0
     if num_blocks == 15:
         assert stats["num_preemptions"] > 0
+
+
+def test_prefill_padding_groups_are_the_cheapest_split():
+    # Prefill chunks go to forward passes padded to their longest chunk: the split minimises padded
+    # tokens + a fixed cost per pass, checked against every split of a small sorted list.
+    import itertools
+    import random
+
+    from tritium.serve.engine import _padding_groups
+
+    rng = random.Random(4)
+    for forward_cost in (0, 40, 10_000):
+        for _ in range(20):
+            chunks = [(f"r{i}", rng.randint(1, 130)) for i in range(rng.randint(1, 7))]
+            groups = _padding_groups(chunks, forward_cost)
+            assert sorted(c for g in groups for c in g) == sorted(chunks)  # every chunk once
+            cost = sum(forward_cost + len(g) * max(c for _, c in g) for g in groups)
+            ordered = sorted((c for _, c in chunks), reverse=True)
+            best = min(sum(forward_cost + (b - a) * ordered[a] for a, b in itertools.pairwise((0, *cuts, len(ordered))))
+                       for k in range(len(ordered)) for cuts in itertools.combinations(range(1, len(ordered)), k))
+            assert cost == best
+    assert len(_padding_groups([("a", 128), ("b", 16)], 40)) == 2  # 112 pad tokens cost more than a pass
+    assert len(_padding_groups([("a", 128), ("b", 120)], 40)) == 1
