@@ -98,6 +98,21 @@ def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None
     return model.eval(), tokenizer
 
 
+def _check_same_tokenizer(draft_dir: Path, tokenizer_path: Path) -> None:
+    """A draft folder carrying its own tokenizer must carry the target's: the same size is not the same vocabulary
+    (its proposals would be other tokens, all rejected)."""
+    from tritium.model.tokenizer import Tokenizer
+
+    mine = draft_dir / "tokenizer.model"
+    theirs = tokenizer_path / "tokenizer.model" if tokenizer_path.is_dir() else tokenizer_path
+    if not mine.is_file() or not theirs.is_file() or mine.read_bytes() == theirs.read_bytes():
+        return
+    a, b = Tokenizer.load(mine), Tokenizer.load(theirs)
+    if len(a) != len(b) or any(a.id_to_piece(i) != b.id_to_piece(i) for i in range(len(a))):
+        raise ValueError(f"its tokenizer.model is not the target's ({theirs}); the draft must share the target's "
+                         "tokenizer")
+
+
 def speculative_from_args(args: argparse.Namespace, target=None):
     """The ``SpeculativeDecoder`` the flags ask for, or None. With ``target`` (the loaded model) a draft
     checkpoint with another vocabulary is a ValueError naming --draft-checkpoint."""
@@ -116,11 +131,21 @@ def speculative_from_args(args: argparse.Namespace, target=None):
     if args.draft_checkpoint is None:
         raise ValueError("--speculative draft needs --draft-checkpoint DIR")
     # The draft is read with the target's tokenizer (they must share it), through the same checksum check.
+    tokenizer_path = getattr(args, "tokenizer", None) or args.checkpoint
     try:
-        draft, _ = load_for_inference(args.draft_checkpoint, getattr(args, "tokenizer", None) or args.checkpoint,
-                                      args.device, args.dtype, args.backend,
+        if not Path(args.draft_checkpoint).is_dir():
+            raise FileNotFoundError("folder not found")
+        if target is not None:  # another vocabulary: say so before loading (and before the tokenizer check)
+            from tritium.model.checkpoint import read_config
+
+            vocab_size = read_config(args.draft_checkpoint).vocab_size
+            if vocab_size != target.config.vocab_size:
+                raise ValueError(f"vocab_size {vocab_size} differs from --checkpoint's {target.config.vocab_size}; "
+                                 "the draft must share the target's tokenizer")
+        _check_same_tokenizer(Path(args.draft_checkpoint), Path(tokenizer_path))
+        draft, _ = load_for_inference(args.draft_checkpoint, tokenizer_path, args.device, args.dtype, args.backend,
                                       verify=getattr(args, "verify_checksums", None))
-    except ValueError as exc:  # e.g. a checksum mismatch or a vocabulary smaller than the tokenizer's
+    except (ValueError, OSError) as exc:  # a missing folder, a checksum mismatch, another vocabulary, ...
         raise ValueError(f"--draft-checkpoint {args.draft_checkpoint}: {exc}") from None
     if target is not None and draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"--draft-checkpoint {args.draft_checkpoint}: vocab_size {draft.config.vocab_size} differs "
