@@ -348,7 +348,7 @@ def spawn_server(checkpoint: str, extra_args: list[str] | None = None, api_key: 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
-            raise RuntimeError(f"tritium serve exited with {proc.returncode}: {log.read()[-800:]}")
+            raise RuntimeError(f"tritium serve exited with {proc.returncode}: {log.read()[-800:].strip()}")
         try:
             if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
                 return proc, url

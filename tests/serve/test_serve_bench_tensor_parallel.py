@@ -52,6 +52,9 @@ def test_target_and_flags_are_checked():
     (["--url", "http://127.0.0.1:9", "--tensor-parallel", "0"], "--tensor-parallel must be a positive integer"),
     (["--url", "http://127.0.0.1:9", "--tensor-parallel", "4", "--gpus-per-replica", "2"], "below --tensor-parallel"),
     (["--checkpoint", "ckpt", "--server-arg=--tensor-parallel=2"], "serve-bench's --tensor-parallel"),
+    # the tiny preset's 2 kv heads do not split 3 ways: refused before the run, not when pricing after it
+    (["--url", "http://127.0.0.1:9", "--tensor-parallel", "3", "--model-config", "tiny"],
+     "--tensor-parallel 3: tensor_parallel=3 and num_key_value_heads=2"),
 ])
 def test_cli_rejects_bad_degrees_before_any_request(capsys, argv, message):
     assert main(["serve-bench", *argv]) == 2
