@@ -243,6 +243,10 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
                              f"{os.environ['WORLD_SIZE']} ranks")
         rank = int(os.environ["RANK"])
         if rank != 0:
+            # torchrun passes a SIGTERM (or the terminal's Ctrl-C) to every rank at once: dying here would cut
+            # rank 0's drain short (its forward passes need us). Rank 0 stops us once it has drained; if it dies,
+            # our next collective fails and we exit (torchrun SIGKILLs what is left after its own timeout).
+            _ignore_shutdown_signals()
             run_worker(checkpoint, rank, tensor_parallel, "env://", device, dtype, backend, verify)
             raise SystemExit(0)
         init_method, processes = "env://", []
@@ -271,6 +275,12 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
     model = TensorParallelModel(module, control, processes, threads, stopping).eval()
     atexit.register(model.close)
     return model
+
+
+def _ignore_shutdown_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _watch(processes: list[subprocess.Popen], stopping: threading.Event, poll_s: float = 0.5) -> None:

@@ -283,3 +283,49 @@ def test_a_rank_exits_when_rank_0_is_killed_outright(checkpoint):
     shell.wait()
     rank1.wait(timeout=60)  # psutil.TimeoutExpired if it outlives its parent
     assert not rank1.is_running()
+
+
+def test_torchrun_sigterm_drains_in_flight_requests_then_every_rank_exits(checkpoint):
+    """torchrun sends SIGTERM to every rank at once; rank 1 must outlive rank 0's drain (it runs half of every
+    forward pass), so a stream in flight still ends with all its tokens and [DONE], then nothing is left."""
+    import httpx
+
+    port, max_tokens = free_port(), 40
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "tritium", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+                                 "--device", "cpu", "--backend", "torch", "--tensor-parallel", "2", "--num-blocks",
+                                 "16", "--block-size", "4", "--log-level", "warning"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        ranks = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(ranks) == 2
+        body = {"prompt": "import os", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        lines = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if not lines:
+                    launcher.send_signal(signal.SIGTERM)  # mid-stream: the first chunk is out
+                lines.append(line)
+        events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == max_tokens
+        launcher.wait(60)
+        psutil.wait_procs(ranks, timeout=30)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+    finally:
+        if launcher.poll() is None:
+            for p in psutil.Process(launcher.pid).children(recursive=True):
+                p.kill()
+            launcher.kill()
+        launcher.communicate()
