@@ -329,3 +329,37 @@ def test_torchrun_sigterm_drains_in_flight_requests_then_every_rank_exits(checkp
                 p.kill()
             launcher.kill()
         launcher.communicate()
+
+
+_INTERRUPT_SCRIPT = """
+import sys, time, torch
+from tritium.serve.tensor_parallel import launch
+model = launch(sys.argv[1], 2, device="cpu", dtype="float32", backend="torch")
+ids = torch.tensor([[1, 2, 3]])
+model(ids)  # one whole forward: the ranks are in step
+def interrupted(*args, **kwargs):  # Ctrl-C after the batch went out, before rank 0's all-reduces
+    raise KeyboardInterrupt
+model.module.forward_hidden = interrupted
+try:
+    model(ids)
+except KeyboardInterrupt:
+    pass
+try:
+    model(ids)
+except RuntimeError as exc:
+    print("refused:", exc)
+start = time.monotonic()
+model.close(timeout=20)
+print("closed", round(time.monotonic() - start, 1), [p.poll() for p in model._processes])
+"""
+
+
+def test_close_after_an_interrupted_forward_stops_the_ranks_instead_of_hanging(checkpoint):
+    """Ctrl-C mid-forward leaves rank 1 inside an all-reduce: a stop broadcast would not match it and both ranks
+    would wait forever (seen with `tritium generate --tensor-parallel 2` + Ctrl-C). close() must still return."""
+    done = subprocess.run([sys.executable, "-c", _INTERRUPT_SCRIPT, str(checkpoint)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: a tensor-parallel forward pass stopped half-way" in done.stdout  # no second, mismatched forward
+    closed = done.stdout.splitlines()[-1].split()
+    assert closed[0] == "closed" and float(closed[1]) < 20 and closed[2] != "[None]"  # rank 1 ended, not waited out
