@@ -150,6 +150,10 @@ def speculative_from_args(args: argparse.Namespace, target=None):
     if target is not None and draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"--draft-checkpoint {args.draft_checkpoint}: vocab_size {draft.config.vocab_size} differs "
                          f"from --checkpoint's {target.config.vocab_size}; the draft must share the target's tokenizer")
+    if target is not None and draft.config.max_seq_len < target.config.max_seq_len:
+        print(f"tritium: warning: --draft-checkpoint {args.draft_checkpoint} has max_seq_len "
+              f"{draft.config.max_seq_len} < the target's {target.config.max_seq_len}: longer sequences decode "
+              "without speculation", file=sys.stderr)
     return SpeculativeDecoder.draft(draft, args.num_speculative_tokens)
 
 

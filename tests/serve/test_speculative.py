@@ -658,7 +658,8 @@ def test_serve_speculative_draft_flag(serve_model, tiny_tokenizer, tmp_path):
                                                       str(wrong_dir)]))
 
 
-def test_draft_checkpoint_mistakes_are_one_line_errors_naming_the_flag(serve_model, tiny_tokenizer, tmp_path):
+def test_draft_checkpoint_mistakes_are_one_line_errors_naming_the_flag(serve_model, tiny_tokenizer, tmp_path,
+                                                                       capsys):
     """A missing folder, another vocab_size (smaller or larger) and another tokenizer of the same vocab_size are
     refused before any weights load, each in one line naming --draft-checkpoint."""
     import argparse
@@ -687,3 +688,8 @@ def test_draft_checkpoint_mistakes_are_one_line_errors_naming_the_flag(serve_mod
         assert text.startswith(f"--draft-checkpoint {directory}: ") and message in text and "\n" not in text, name
     args.draft_checkpoint = str(target)  # its own tokenizer.model: accepted
     assert speculative_from_args(args, serve_model).proposer.model.config.vocab_size == cfg.vocab_size
+    short = tmp_path / "short"
+    Transformer(cfg.replace(max_seq_len=16), backend="torch").save_pretrained(short)
+    args.draft_checkpoint = str(short)  # usable, but not past 16 tokens: say so
+    assert speculative_from_args(args, serve_model) is not None
+    assert "max_seq_len 16 < the target's" in capsys.readouterr().err
