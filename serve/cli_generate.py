@@ -60,8 +60,8 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                       help="propose tokens by prompt lookup (ngram) or a draft model, verify K per forward pass")
     spec.add_argument("--draft-checkpoint", metavar="DIR", default=None,
                       help="draft model checkpoint sharing the tokenizer (with --speculative draft)")
-    spec.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                      help="tokens proposed per verification pass (default 4)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                      help="tokens proposed per verification pass (default 4; with --speculative)")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -118,16 +118,20 @@ def speculative_from_args(args: argparse.Namespace, target=None):
     checkpoint with another vocabulary is a ValueError naming --draft-checkpoint."""
     from tritium.serve.speculative import SpeculativeDecoder
 
+    k = getattr(args, "num_speculative_tokens", None)
     if args.speculative is None:
         if args.draft_checkpoint is not None:
             raise ValueError("--draft-checkpoint needs --speculative draft")
+        if k is not None:
+            raise ValueError("--num-speculative-tokens needs --speculative ngram|draft")
         return None
-    if args.num_speculative_tokens < 1:
-        raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    k = 4 if k is None else k
+    if k < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {k}")
     if args.speculative == "ngram":
         if args.draft_checkpoint is not None:
             raise ValueError("--draft-checkpoint is for --speculative draft, not ngram")
-        return SpeculativeDecoder.ngram(args.num_speculative_tokens)
+        return SpeculativeDecoder.ngram(k)
     if args.draft_checkpoint is None:
         raise ValueError("--speculative draft needs --draft-checkpoint DIR")
     # The draft is read with the target's tokenizer (they must share it), through the same checksum check.
@@ -154,7 +158,7 @@ def speculative_from_args(args: argparse.Namespace, target=None):
         print(f"tritium: warning: --draft-checkpoint {args.draft_checkpoint} has max_seq_len "
               f"{draft.config.max_seq_len} < the target's {target.config.max_seq_len}: longer sequences decode "
               "without speculation", file=sys.stderr)
-    return SpeculativeDecoder.draft(draft, args.num_speculative_tokens)
+    return SpeculativeDecoder.draft(draft, k)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -302,6 +302,8 @@ def test_cli_generate_speculative_flags(serve_model, tiny_tokenizer, plain, tmp_
     assert "acceptance rate 100.0%" in captured.err  # the target as its own draft
     assert main(base + ["--speculative", "draft"]) == 2
     assert "--draft-checkpoint" in capsys.readouterr().err
+    assert main(base + ["--num-speculative-tokens", "3"]) == 2  # without --speculative it would do nothing
+    assert "--num-speculative-tokens needs --speculative" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the engine (paged cache)
