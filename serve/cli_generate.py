@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -181,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
 def load_model_and_tokenizer(args: argparse.Namespace):
     """``load_for_inference``, or with ``--tensor-parallel N`` > 1 the ranks' model (rank 0's view)."""
     tensor_parallel = getattr(args, "tensor_parallel", 1)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if tensor_parallel == 1 and world > 1:  # every rank would run its own whole copy (and fight for the port)
+        raise ValueError(f"started by a launcher with WORLD_SIZE={world}: pass --tensor-parallel {world} (or run "
+                         "one process without torchrun)")
     if tensor_parallel == 1:
         return load_for_inference(args.checkpoint, getattr(args, "tokenizer", None), args.device, args.dtype,
                                   args.backend, verify=args.verify_checksums)

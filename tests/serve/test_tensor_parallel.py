@@ -94,6 +94,17 @@ def test_cli_rejects_an_indivisible_degree(checkpoint, capsys):
     assert code != 0 and "tensor_parallel=3 does not divide num_attention_heads=4" in err and "\n" not in err
 
 
+def test_cli_under_a_launcher_needs_the_degree(checkpoint, capsys, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m tritium generate ...` without --tensor-parallel ran two whole copies."""
+    from tritium.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["generate", "--checkpoint", str(checkpoint), "--device", "cpu", "hi"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "WORLD_SIZE=2: pass --tensor-parallel 2" in err and "\n" not in err
+
+
 def test_replicated_kv_heads_follow_their_query_groups():
     # 8 query heads, 2 kv heads (groups of 4), 4 ranks of 2 query heads: ranks 0-1 read kv head 0, 2-3 kv head 1.
     cfg = ModelConfig(hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=2, head_dim=8, ffn_hidden=32,
