@@ -345,18 +345,21 @@ def spawn_server(checkpoint: str, extra_args: list[str] | None = None, api_key: 
     proc.log = log  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"tritium serve exited with {proc.returncode}: {log.read()[-800:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise RuntimeError(f"tritium serve did not become ready within {startup_timeout_s:g} s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"tritium serve exited with {proc.returncode}: {log.read()[-800:].strip()}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"tritium serve did not become ready within {startup_timeout_s:g} s")
+    except BaseException:  # a timeout, or Ctrl-C while it loads: never leave the server (and its ranks) behind
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,8 +62,8 @@ def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
                       help="propose tokens by prompt lookup (ngram) or a draft model, verify K per forward pass")
     spec.add_argument("--draft-checkpoint", metavar="DIR", default=None,
                       help="draft model checkpoint sharing the tokenizer (with --speculative draft)")
-    spec.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                      help="tokens proposed per verification pass (default 4)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                      help="tokens proposed per verification pass (default 4; with --speculative)")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -99,34 +100,67 @@ def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None
     return model.eval(), tokenizer
 
 
+def _check_same_tokenizer(draft_dir: Path, tokenizer_path: Path) -> None:
+    """A draft folder carrying its own tokenizer must carry the target's: the same size is not the same vocabulary
+    (its proposals would be other tokens, all rejected)."""
+    from tritium.model.tokenizer import Tokenizer
+
+    mine = draft_dir / "tokenizer.model"
+    theirs = tokenizer_path / "tokenizer.model" if tokenizer_path.is_dir() else tokenizer_path
+    if not mine.is_file() or not theirs.is_file() or mine.read_bytes() == theirs.read_bytes():
+        return
+    a, b = Tokenizer.load(mine), Tokenizer.load(theirs)
+    if len(a) != len(b) or any(a.id_to_piece(i) != b.id_to_piece(i) for i in range(len(a))):
+        raise ValueError(f"its tokenizer.model is not the target's ({theirs}); the draft must share the target's "
+                         "tokenizer")
+
+
 def speculative_from_args(args: argparse.Namespace, target=None):
     """The ``SpeculativeDecoder`` the flags ask for, or None. With ``target`` (the loaded model) a draft
     checkpoint with another vocabulary is a ValueError naming --draft-checkpoint."""
     from tritium.serve.speculative import SpeculativeDecoder
 
+    k = getattr(args, "num_speculative_tokens", None)
     if args.speculative is None:
         if args.draft_checkpoint is not None:
             raise ValueError("--draft-checkpoint needs --speculative draft")
+        if k is not None:
+            raise ValueError("--num-speculative-tokens needs --speculative ngram|draft")
         return None
-    if args.num_speculative_tokens < 1:
-        raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    k = 4 if k is None else k
+    if k < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {k}")
     if args.speculative == "ngram":
         if args.draft_checkpoint is not None:
             raise ValueError("--draft-checkpoint is for --speculative draft, not ngram")
-        return SpeculativeDecoder.ngram(args.num_speculative_tokens)
+        return SpeculativeDecoder.ngram(k)
     if args.draft_checkpoint is None:
         raise ValueError("--speculative draft needs --draft-checkpoint DIR")
     # The draft is read with the target's tokenizer (they must share it), through the same checksum check.
+    tokenizer_path = getattr(args, "tokenizer", None) or args.checkpoint
     try:
-        draft, _ = load_for_inference(args.draft_checkpoint, getattr(args, "tokenizer", None) or args.checkpoint,
-                                      args.device, args.dtype, args.backend,
+        if not Path(args.draft_checkpoint).is_dir():
+            raise FileNotFoundError("folder not found")
+        if target is not None:  # another vocabulary: say so before loading (and before the tokenizer check)
+            from tritium.model.checkpoint import read_config
+
+            vocab_size = read_config(args.draft_checkpoint).vocab_size
+            if vocab_size != target.config.vocab_size:
+                raise ValueError(f"vocab_size {vocab_size} differs from --checkpoint's {target.config.vocab_size}; "
+                                 "the draft must share the target's tokenizer")
+        _check_same_tokenizer(Path(args.draft_checkpoint), Path(tokenizer_path))
+        draft, _ = load_for_inference(args.draft_checkpoint, tokenizer_path, args.device, args.dtype, args.backend,
                                       verify=getattr(args, "verify_checksums", None))
-    except ValueError as exc:  # e.g. a checksum mismatch or a vocabulary smaller than the tokenizer's
+    except (ValueError, OSError) as exc:  # a missing folder, a checksum mismatch, another vocabulary, ...
         raise ValueError(f"--draft-checkpoint {args.draft_checkpoint}: {exc}") from None
     if target is not None and draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"--draft-checkpoint {args.draft_checkpoint}: vocab_size {draft.config.vocab_size} differs "
                          f"from --checkpoint's {target.config.vocab_size}; the draft must share the target's tokenizer")
-    return SpeculativeDecoder.draft(draft, args.num_speculative_tokens)
+    if target is not None and draft.config.max_seq_len < target.config.max_seq_len:
+        print(f"tritium: warning: --draft-checkpoint {args.draft_checkpoint} has max_seq_len "
+              f"{draft.config.max_seq_len} < the target's {target.config.max_seq_len}: longer sequences decode "
+              "without speculation", file=sys.stderr)
+    return SpeculativeDecoder.draft(draft, k)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
 def load_model_and_tokenizer(args: argparse.Namespace):
     """``load_for_inference``, or with ``--tensor-parallel N`` > 1 the ranks' model (rank 0's view)."""
     tensor_parallel = getattr(args, "tensor_parallel", 1)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    if tensor_parallel == 1 and world > 1:  # every rank would run its own whole copy (and fight for the port)
+        raise ValueError(f"started by a launcher with WORLD_SIZE={world}: pass --tensor-parallel {world} (or run "
+                         "one process without torchrun)")
     if tensor_parallel == 1:
         return load_for_inference(args.checkpoint, getattr(args, "tokenizer", None), args.device, args.dtype,
                                   args.backend, verify=args.verify_checksums)

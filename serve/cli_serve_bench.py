@@ -104,6 +104,20 @@ def _model_config(args: argparse.Namespace) -> Any:
     return ModelConfig.from_name(source)
 
 
+def _check_degree(args: argparse.Namespace) -> None:
+    from tritium.model.sizing import check_tensor_parallel
+
+    try:
+        cfg = _model_config(args)
+    except OSError:  # no config to check against: the spawned server reports it
+        return
+    if cfg is not None:
+        try:
+            check_tensor_parallel(cfg, args.tensor_parallel)
+        except ValueError as exc:
+            raise ValueError(f"--tensor-parallel {args.tensor_parallel}: {exc}") from None
+
+
 def _price(args: argparse.Namespace, result: Any) -> Any:
     from tritium.serve.cost import TrafficTarget, estimate_cost
 
@@ -184,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint and any(a.split("=")[0] == "--tensor-parallel" for a in args.server_arg):
         raise ValueError("give the tensor-parallel degree as serve-bench's --tensor-parallel (it passes it on to "
                          "the server and prices N GPUs per replica), not through --server-arg")
+    if args.tensor_parallel > 1:  # a degree the model cannot split into: say so now, not after the whole run
+        _check_degree(args)
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     if args.repeat > 1 and not args.compare_prefix_caching:

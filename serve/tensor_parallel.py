@@ -70,6 +70,10 @@ class TensorParallelModel(nn.Module):
         self._saved_threads = num_threads
         self._stopping = stopping or threading.Event()
         self._closed = False
+        # True from a forward's first broadcast until every rank is through its collectives: still True after
+        # an interruption (Ctrl-C) or an error in between, when the other ranks wait inside a collective that
+        # no later message would match.
+        self._in_forward = False
 
     @property
     def backend(self) -> str:
@@ -90,8 +94,14 @@ class TensorParallelModel(nn.Module):
             raise ValueError("cu_seqlens (packed training batches) is not supported under tensor parallelism")
         if self._closed:
             raise RuntimeError("TensorParallelModel is closed (its ranks have stopped)")
+        if self._in_forward:
+            raise RuntimeError("a tensor-parallel forward pass stopped half-way (see the first error): the ranks "
+                               "are out of step; close() and launch again")
+        self._in_forward = True
         self._broadcast_batch(input_ids, position_ids, kv_cache)
-        return self.module.forward_hidden(input_ids, position_ids=position_ids, kv_cache=kv_cache)
+        hidden = self.module.forward_hidden(input_ids, position_ids=position_ids, kv_cache=kv_cache)
+        self._in_forward = False
+        return hidden
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache=None
                 ) -> torch.Tensor:
@@ -129,10 +139,16 @@ class TensorParallelModel(nn.Module):
             return
         self._closed = True
         self._stopping.set()  # the ranks are about to exit on purpose
-        try:
-            dist.broadcast(torch.zeros(_HEADER + _INLINE, dtype=torch.long), src=0, group=self._control_group)
-        except Exception as exc:  # noqa: BLE001 - a rank already gone: still reap and leave
-            print(f"tritium: tensor parallel: could not reach every rank to stop it: {exc}", file=sys.stderr)
+        if self._in_forward:
+            # Interrupted mid-forward: the ranks wait in a collective a stop message would not match (both
+            # would hang). Stop the ranks we started; ranks torchrun started see the world go when we leave.
+            for process in self._processes:
+                process.terminate()
+        else:
+            try:
+                dist.broadcast(torch.zeros(_HEADER + _INLINE, dtype=torch.long), src=0, group=self._control_group)
+            except Exception as exc:  # noqa: BLE001 - a rank already gone: still reap and leave
+                print(f"tritium: tensor parallel: could not reach every rank to stop it: {exc}", file=sys.stderr)
         for process in self._processes:
             try:
                 process.wait(timeout)
@@ -243,6 +259,10 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
                              f"{os.environ['WORLD_SIZE']} ranks")
         rank = int(os.environ["RANK"])
         if rank != 0:
+            # torchrun passes a SIGTERM (or the terminal's Ctrl-C) to every rank at once: dying here would cut
+            # rank 0's drain short (its forward passes need us). Rank 0 stops us once it has drained; if it dies,
+            # our next collective fails and we exit (torchrun SIGKILLs what is left after its own timeout).
+            _ignore_shutdown_signals()
             run_worker(checkpoint, rank, tensor_parallel, "env://", device, dtype, backend, verify)
             raise SystemExit(0)
         init_method, processes = "env://", []
@@ -271,6 +291,12 @@ def launch(checkpoint: str | Path, tensor_parallel: int, *, device: str = "auto"
     model = TensorParallelModel(module, control, processes, threads, stopping).eval()
     atexit.register(model.close)
     return model
+
+
+def _ignore_shutdown_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _watch(processes: list[subprocess.Popen], stopping: threading.Event, poll_s: float = 0.5) -> None:

@@ -52,6 +52,9 @@ def test_target_and_flags_are_checked():
     (["--url", "http://127.0.0.1:9", "--tensor-parallel", "0"], "--tensor-parallel must be a positive integer"),
     (["--url", "http://127.0.0.1:9", "--tensor-parallel", "4", "--gpus-per-replica", "2"], "below --tensor-parallel"),
     (["--checkpoint", "ckpt", "--server-arg=--tensor-parallel=2"], "serve-bench's --tensor-parallel"),
+    # the tiny preset's 2 kv heads do not split 3 ways: refused before the run, not when pricing after it
+    (["--url", "http://127.0.0.1:9", "--tensor-parallel", "3", "--model-config", "tiny"],
+     "--tensor-parallel 3: tensor_parallel=3 and num_key_value_heads=2"),
 ])
 def test_cli_rejects_bad_degrees_before_any_request(capsys, argv, message):
     assert main(["serve-bench", *argv]) == 2
@@ -65,3 +68,31 @@ def test_spawned_server_gets_the_degree():
     split = serve_command("runs/x/final", 8123, ["--device=cpu"], tensor_parallel=2)
     assert split[split.index("--tensor-parallel") + 1] == "2" and split[-1] == "--device=cpu"
     assert split[split.index("--port") + 1] == "8123" and split[split.index("--host") + 1] == "127.0.0.1"
+
+
+def test_ctrl_c_while_the_spawned_server_loads_stops_it(monkeypatch):
+    """Ctrl-C during `serve-bench --checkpoint` startup left `tritium serve` (and its ranks) running, orphaned."""
+    import subprocess
+    import sys
+
+    from tritium.bench import serve_load
+
+    started, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    real_sleep, calls = serve_load.time.sleep, []
+
+    def interrupt(seconds):  # the first wait for /ready is "interrupted"; later sleeps (Popen.wait) are real
+        calls.append(seconds)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    monkeypatch.setattr(serve_load.subprocess, "Popen", popen)
+    monkeypatch.setattr(serve_load.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        serve_load.spawn_server("ckpt", tensor_parallel=2)
+    assert started and started[0].poll() is not None  # terminated, not left behind

@@ -302,6 +302,8 @@ def test_cli_generate_speculative_flags(serve_model, tiny_tokenizer, plain, tmp_
     assert "acceptance rate 100.0%" in captured.err  # the target as its own draft
     assert main(base + ["--speculative", "draft"]) == 2
     assert "--draft-checkpoint" in capsys.readouterr().err
+    assert main(base + ["--num-speculative-tokens", "3"]) == 2  # without --speculative it would do nothing
+    assert "--num-speculative-tokens needs --speculative" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the engine (paged cache)
@@ -656,3 +658,40 @@ def test_serve_speculative_draft_flag(serve_model, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="--draft-checkpoint"):
         cli_serve.build_app(parser.parse_args(base + ["--speculative", "draft", "--draft-checkpoint",
                                                       str(wrong_dir)]))
+
+
+def test_draft_checkpoint_mistakes_are_one_line_errors_naming_the_flag(serve_model, tiny_tokenizer, tmp_path,
+                                                                       capsys):
+    """A missing folder, another vocab_size (smaller or larger) and another tokenizer of the same vocab_size are
+    refused before any weights load, each in one line naming --draft-checkpoint."""
+    import argparse
+
+    from tritium.model.tokenizer import train_tokenizer
+    from tritium.serve.cli_generate import speculative_from_args
+
+    target = tmp_path / "target"
+    serve_model.save_pretrained(target)
+    tiny_tokenizer.save(target)
+    cfg = serve_model.config
+    cases = {"missing": (tmp_path / "missing", "folder not found")}
+    for name, vocab in (("smaller", cfg.vocab_size // 2), ("larger", cfg.vocab_size + 64)):
+        Transformer(cfg.replace(vocab_size=vocab), backend="torch").save_pretrained(tmp_path / name)
+        cases[name] = (tmp_path / name, f"vocab_size {vocab} differs from --checkpoint's {cfg.vocab_size}")
+    other = tmp_path / "other_tokenizer"
+    serve_model.save_pretrained(other)  # same vocab_size, another tokenizer.model: proposals would be other tokens
+    train_tokenizer(None, 400, other, max_bytes=20_000, num_threads=1)
+    cases["other_tokenizer"] = (other, "tokenizer.model is not the target's")
+    for name, (directory, message) in cases.items():
+        args = argparse.Namespace(speculative="draft", draft_checkpoint=str(directory), checkpoint=str(target),
+                                  num_speculative_tokens=2, device="cpu", dtype="float32", backend="torch")
+        with pytest.raises(ValueError) as exc:
+            speculative_from_args(args, serve_model)
+        text = str(exc.value)
+        assert text.startswith(f"--draft-checkpoint {directory}: ") and message in text and "\n" not in text, name
+    args.draft_checkpoint = str(target)  # its own tokenizer.model: accepted
+    assert speculative_from_args(args, serve_model).proposer.model.config.vocab_size == cfg.vocab_size
+    short = tmp_path / "short"
+    Transformer(cfg.replace(max_seq_len=16), backend="torch").save_pretrained(short)
+    args.draft_checkpoint = str(short)  # usable, but not past 16 tokens: say so
+    assert speculative_from_args(args, serve_model) is not None
+    assert "max_seq_len 16 < the target's" in capsys.readouterr().err

@@ -94,6 +94,17 @@ def test_cli_rejects_an_indivisible_degree(checkpoint, capsys):
     assert code != 0 and "tensor_parallel=3 does not divide num_attention_heads=4" in err and "\n" not in err
 
 
+def test_cli_under_a_launcher_needs_the_degree(checkpoint, capsys, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m tritium generate ...` without --tensor-parallel ran two whole copies."""
+    from tritium.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["generate", "--checkpoint", str(checkpoint), "--device", "cpu", "hi"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "WORLD_SIZE=2: pass --tensor-parallel 2" in err and "\n" not in err
+
+
 def test_replicated_kv_heads_follow_their_query_groups():
     # 8 query heads, 2 kv heads (groups of 4), 4 ranks of 2 query heads: ranks 0-1 read kv head 0, 2-3 kv head 1.
     cfg = ModelConfig(hidden_size=64, num_layers=1, num_heads=8, num_kv_heads=2, head_dim=8, ffn_hidden=32,
@@ -283,3 +294,83 @@ def test_a_rank_exits_when_rank_0_is_killed_outright(checkpoint):
     shell.wait()
     rank1.wait(timeout=60)  # psutil.TimeoutExpired if it outlives its parent
     assert not rank1.is_running()
+
+
+def test_torchrun_sigterm_drains_in_flight_requests_then_every_rank_exits(checkpoint):
+    """torchrun sends SIGTERM to every rank at once; rank 1 must outlive rank 0's drain (it runs half of every
+    forward pass), so a stream in flight still ends with all its tokens and [DONE], then nothing is left."""
+    import httpx
+
+    port, max_tokens = free_port(), 40
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "tritium", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+                                 "--device", "cpu", "--backend", "torch", "--tensor-parallel", "2", "--num-blocks",
+                                 "16", "--block-size", "4", "--log-level", "warning"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        ranks = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(ranks) == 2
+        body = {"prompt": "import os", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        lines = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if not lines:
+                    launcher.send_signal(signal.SIGTERM)  # mid-stream: the first chunk is out
+                lines.append(line)
+        events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == max_tokens
+        launcher.wait(60)
+        psutil.wait_procs(ranks, timeout=30)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+    finally:
+        if launcher.poll() is None:
+            for p in psutil.Process(launcher.pid).children(recursive=True):
+                p.kill()
+            launcher.kill()
+        launcher.communicate()
+
+
+_INTERRUPT_SCRIPT = """
+import sys, time, torch
+from tritium.serve.tensor_parallel import launch
+model = launch(sys.argv[1], 2, device="cpu", dtype="float32", backend="torch")
+ids = torch.tensor([[1, 2, 3]])
+model(ids)  # one whole forward: the ranks are in step
+def interrupted(*args, **kwargs):  # Ctrl-C after the batch went out, before rank 0's all-reduces
+    raise KeyboardInterrupt
+model.module.forward_hidden = interrupted
+try:
+    model(ids)
+except KeyboardInterrupt:
+    pass
+try:
+    model(ids)
+except RuntimeError as exc:
+    print("refused:", exc)
+start = time.monotonic()
+model.close(timeout=20)
+print("closed", round(time.monotonic() - start, 1), [p.poll() for p in model._processes])
+"""
+
+
+def test_close_after_an_interrupted_forward_stops_the_ranks_instead_of_hanging(checkpoint):
+    """Ctrl-C mid-forward leaves rank 1 inside an all-reduce: a stop broadcast would not match it and both ranks
+    would wait forever (seen with `tritium generate --tensor-parallel 2` + Ctrl-C). close() must still return."""
+    done = subprocess.run([sys.executable, "-c", _INTERRUPT_SCRIPT, str(checkpoint)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: a tensor-parallel forward pass stopped half-way" in done.stdout  # no second, mismatched forward
+    closed = done.stdout.splitlines()[-1].split()
+    assert closed[0] == "closed" and float(closed[1]) < 20 and closed[2] != "[None]"  # rank 1 ended, not waited out
