@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO/SimPO flipped-label rate")
     group.add_argument("--gamma", type=float, default=0.5, help="simpo: target reward margin")
     group.add_argument("--length-normalize", action="store_true", help="dpo/ipo: mean instead of summed log-probs")
-    group.add_argument("--sft-weight", type=float, default=0.0,
-                       help="RPO: add this x the chosen reply's mean NLL (anchors its likelihood; e.g. 1.0)")
+    group.add_argument("--sft-weight", type=float, default=1.0,
+                       help="RPO: add this x the chosen reply's mean NLL, which anchors its likelihood (default 1: "
+                            "plain DPO lost 29 points of exact match on the embedded tasks; 0 = the published loss)")
     group.add_argument("--reference", choices=("cached", "model"), default="cached",
                        help="reference log-probs precomputed and cached (default; ZeRO-3 safe) or a frozen copy")
     group.add_argument("--max-len", type=int, help="drop pairs longer than this (default: --seq-len)")
