@@ -12,7 +12,8 @@ One optimizer step (``num_iterations`` steps share one rollout batch):
 2. **Generate.** Each rank draws its own prompts and submits ``num_generations`` (G) requests per
    prompt to ``serve.engine.LLMEngine`` over the replica (paged KV cache, continuous batching, its
    ``SamplingParams``), then runs it to completion.  Generation needs no collective, so ranks never wait
-   on each other inside it.
+   on each other inside it.  With ``oversample = N > 1`` each rank generates for N x its prompts and keeps
+   the groups whose rewards differ first (``select_groups``; DAPO's dynamic sampling).
 3. **Score.** Every reward function scores every completion; the total reward is their weighted sum.
    Advantages are group-relative: ``A_i = r_i - mean(r_group)``, divided by ``std(r_group) + 1e-4``
    unless ``scale_rewards=False`` (Dr. GRPO drops the division).  A group whose G rewards are all equal
