@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-scale-rewards", action="store_true", help="advantages not divided by the group std "
                                                                       "(Dr. GRPO)")
     group.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per generated batch")
+    group.add_argument("--oversample", type=int, default=1,
+                       help="dynamic sampling: generate for this many x the prompts and train on the groups whose "
+                            "rewards differ first (DAPO; default 1 = off)")
     group.add_argument("--max-prompt-len", type=int, default=128, help="drop prompts longer than this (tokens)")
     group.add_argument("--per-task", type=int, default=1200, help="embedded tasks: distinct prompts per task")
     group.add_argument("--data-seed", type=int, default=0, help="embedded tasks: split seed (same as sft's)")
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = GRPOConfig(num_generations=args.num_generations, max_completion_tokens=args.max_completion_tokens,
                      temperature=args.temperature, top_p=args.top_p, epsilon=args.epsilon,
                      epsilon_high=args.epsilon_high, beta=args.beta, loss_type=args.loss_type,
-                     scale_rewards=not args.no_scale_rewards, num_iterations=args.num_iterations, rewards=rewards,
+                     scale_rewards=not args.no_scale_rewards, num_iterations=args.num_iterations,
+                     oversample=args.oversample, rewards=rewards,
                      reward_weights=tuple(args.reward_weights) if args.reward_weights else None,
                      max_prompt_len=args.max_prompt_len, seed=args.data_seed, per_task=args.per_task)
     for spec in cfg.rewards:  # fail here, in one process, before any rank starts

@@ -12,7 +12,8 @@ One optimizer step (``num_iterations`` steps share one rollout batch):
 2. **Generate.** Each rank draws its own prompts and submits ``num_generations`` (G) requests per
    prompt to ``serve.engine.LLMEngine`` over the replica (paged KV cache, continuous batching, its
    ``SamplingParams``), then runs it to completion.  Generation needs no collective, so ranks never wait
-   on each other inside it.
+   on each other inside it.  With ``oversample = N > 1`` each rank generates for N x its prompts and keeps
+   the groups whose rewards differ first (``select_groups``; DAPO's dynamic sampling).
 3. **Score.** Every reward function scores every completion; the total reward is their weighted sum.
    Advantages are group-relative: ``A_i = r_i - mean(r_group)``, divided by ``std(r_group) + 1e-4``
    unless ``scale_rewards=False`` (Dr. GRPO drops the division).  A group whose G rewards are all equal
@@ -79,6 +80,7 @@ class GRPOConfig:
     loss_type: str = "grpo"  # token normalisation: grpo | dr_grpo | dapo (see the module docstring)
     scale_rewards: bool = True  # divide advantages by the group's reward std (Dr. GRPO: False)
     num_iterations: int = 1  # optimizer steps per generated batch (mu in the paper)
+    oversample: int = 1  # dynamic sampling (DAPO): draw this many x the prompts, train on groups with a spread first
     rewards: tuple[str, ...] = ("correctness", "format")  # built-in names or module:function specs
     reward_weights: tuple[float, ...] | None = None  # default: 1 for correctness/user rewards, 0.1 for format
     max_prompt_len: int = 128  # prompts longer than this (in tokens) are dropped
@@ -91,7 +93,8 @@ class GRPOConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GRPOConfig.{name} must be a positive integer, got {value!r}")
 
-        for name in ("num_generations", "max_completion_tokens", "num_iterations", "max_prompt_len", "per_task"):
+        for name in ("num_generations", "max_completion_tokens", "num_iterations", "oversample", "max_prompt_len",
+                     "per_task"):
             positive_int(name)
         if self.num_generations < 2:
             raise ValueError(f"GRPOConfig.num_generations must be >= 2 (a group needs a spread), "
@@ -212,6 +215,18 @@ def make_grpo_loss(cfg: GRPOConfig):
         return loss, metrics
 
     return loss_fn
+
+
+def select_groups(rewards: torch.Tensor, num_generations: int, keep: int) -> list[int]:
+    """Indices of ``keep`` groups to train on: groups whose rewards differ first, in draw order, then the rest.
+
+    DAPO's dynamic sampling (Yu et al. 2025) keeps only groups with a reward spread, since an all-equal group
+    has zero advantage and no gradient; here the batch is drawn ``oversample`` times too large once and filled
+    with informative groups first (so the step size in prompts never changes and no rank waits on another).
+    """
+    std = rewards.view(-1, num_generations).float().std(-1)
+    order = sorted(range(std.numel()), key=lambda g: (bool(std[g] < 1e-6), g))
+    return sorted(order[:keep])
 
 
 # ---------------------------------------------------------------------------------- the rewards
@@ -404,7 +419,7 @@ class RolloutSource:
         device = next(self.policy.parameters()).device
         self._replica = Transformer(self.policy.config).to(device=device, dtype=torch.float32).eval()
         self._replica.requires_grad_(False)
-        num_seqs = self.prompts_per_rank * self.cfg.num_generations
+        num_seqs = self.prompts_per_rank * self.cfg.oversample * self.cfg.num_generations
         longest = max(len(ids) for _, ids in self.prompts) + self.cfg.max_completion_tokens
         block_size = 16
         self._engine = LLMEngine(self._replica, self.tokenizer, block_size=block_size,
@@ -426,10 +441,10 @@ class RolloutSource:
             rollout += 1
 
     def _prompts_for(self, rollout: int, rank: int, world: int) -> list[tuple[PromptRecord, list[int]]]:
-        per_step = self.prompts_per_rank * world
-        first = rollout * per_step + rank * self.prompts_per_rank
+        drawn = self.prompts_per_rank * self.cfg.oversample
+        first = rollout * drawn * world + rank * drawn
         out = []
-        for position in range(first, first + self.prompts_per_rank):
+        for position in range(first, first + drawn):
             epoch, index = divmod(position, len(self.prompts))
             order = list(range(len(self.prompts)))
             random.Random(f"grpo:{self.cfg.seed}:{epoch}").shuffle(order)
@@ -462,9 +477,9 @@ class RolloutSource:
         if self._engine is None:
             self._build()
         sync_weights(self.policy, self._replica)
-        chosen = self._prompts_for(rollout, rank, world)
+        drawn = self._prompts_for(rollout, rank, world)
         gen_start = time.perf_counter()
-        outputs = self.generate([ids for _, ids in chosen], rollout, rank)
+        outputs = self.generate([ids for _, ids in drawn], rollout, rank)
         gen_s = time.perf_counter() - gen_start
         stops = set(stop_token_ids(self.tokenizer))
         texts, reasons, completions = [], [], []
@@ -474,16 +489,25 @@ class RolloutSource:
             reply = ids[:-1] if ids and ids[-1] in stops else ids
             texts.append(self.tokenizer.decode(reply))
             reasons.append(out.finish_reason)
-        records = [record for record, _ in chosen for _ in range(G)]
+        records = [record for record, _ in drawn for _ in range(G)]
         per_fn = score_completions(self.reward_fns, [r.prompt for r in records], texts, reasons,
                                    [r.fields for r in records])
         weights = torch.tensor(cfg.reward_weights, dtype=torch.float64)
         rewards = (per_fn * weights).sum(-1)
         advantages, zero_std = group_advantages(rewards, G, cfg.scale_rewards)
-        rows = self._collate([ids for _, ids in chosen for _ in range(G)], completions, advantages)
+        # statistics describe everything sampled (the policy's behaviour); training uses the kept groups
         gen_tokens = sum(len(c) for c in completions)
         stats = self._global_stats(per_fn, rewards, zero_std, completions, gen_tokens, gen_s,
                                    [r.fields.get("task") for r in records])
+        keep = select_groups(rewards, G, self.prompts_per_rank)
+        rows_kept = [g * G + i for g in keep for i in range(G)]
+        kept_zero = sum(float(rewards[g * G:(g + 1) * G].std() < 1e-6) for g in keep) / len(keep)
+        rows = self._collate([drawn[g][1] for g in keep for _ in range(G)], [completions[i] for i in rows_kept],
+                             advantages[rows_kept])
+        stats["trained_zero_std_frac"] = self._mean_over_ranks(kept_zero)
+        records = [records[i] for i in rows_kept]
+        texts = [texts[i] for i in rows_kept]
+        rewards = rewards[rows_kept]
         self.totals["gen_s"] += gen_s
         stats["gen_time_share"] = self.totals["gen_s"] / max(self.totals["gen_s"] + self.totals["train_s"], 1e-9)
         if rank == 0 and self.log_path is not None:
@@ -522,6 +546,15 @@ class RolloutSource:
                     reference = self._reference if self._reference is not None else self._replica
                     rows["ref_logps"] = token_logps(reference, ids, lab).cpu()
         return rows
+
+    @staticmethod
+    def _mean_over_ranks(value: float) -> float:
+        dist = _dist()
+        if dist is None or dist.get_world_size() == 1:
+            return value
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return sum(gathered) / len(gathered)
 
     def _global_stats(self, per_fn: torch.Tensor, rewards: torch.Tensor, zero_std: float,
                       completions: Sequence[list[int]], gen_tokens: int, gen_s: float,

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     q = args.quick
     # The quick form shows every stage run for real in about 2.5 minutes on 2 idle cores; its numbers mean little.
-    steps = {"pretrain": 20 if q else 300, "sft": 24 if q else 300, "dpo": 6 if q else 100, "grpo": 2 if q else 60}
+    steps = {"pretrain": 20 if q else 300, "sft": 24 if q else 300, "dpo": 6 if q else 50, "grpo": 2 if q else 60}
     # The quick form draws fewer task prompts (same per-task in sft, dpo and eval keeps the splits aligned).
     tasks = ["--per-task", "150"] if q else []
 

@@ -43,6 +43,8 @@ def test_sft_then_dpo_then_eval(tmp_path, toy_checkpoint):
     assert main(["dpo", "--checkpoint", str(sft_dir / "final"), "--out", str(dpo_dir), "--max-steps", "2",
                  "--eval-interval", "2", "--beta", "0.2", *common]) == 0
     assert (dpo_dir / "reference_logps.pt").is_file()
+    # the default recipe anchors the chosen reply (RPO): plain DPO cost exact match on the embedded tasks
+    assert json.loads((dpo_dir / "config.json").read_text())["preference"]["sft_weight"] == 2.0
     last = _records(dpo_dir)[-1]
     assert {"reward_accuracy", "reward_margin", "kl", "logps_chosen", "logps_rejected"} <= set(last)
 

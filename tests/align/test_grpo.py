@@ -17,6 +17,7 @@ from tritium.align.grpo import (
     per_token_grpo_loss,
     reduce_grpo_loss,
     score_completions,
+    select_groups,
 )
 from tritium.model.config import ModelConfig
 from tritium.net import free_port
@@ -107,6 +108,14 @@ def test_group_advantages_by_hand():
     assert torch.allclose(unscaled[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(rewards, 3)
+
+
+def test_dynamic_sampling_keeps_groups_with_a_spread_first():
+    # groups (G=2): 0 all-right, 1 mixed, 2 all-wrong, 3 mixed, 4 mixed
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    assert select_groups(rewards, 2, 2) == [1, 3]  # the first informative groups, in draw order
+    assert select_groups(rewards, 2, 4) == [0, 1, 3, 4]  # all three informative ones, then the first other
+    assert select_groups(torch.ones(6), 2, 2) == [0, 1]  # nothing informative: the first groups
 
 
 def test_config_rejects_bad_values():
@@ -243,15 +252,16 @@ def test_cli_grpo_then_align_eval_row(tmp_path, tiny_tokenizer_dir, monkeypatch,
     assert "--reward 'toy_rewards_c': expected module:function" in capsys.readouterr().err
     out = tmp_path / "grpo"
     assert main(["grpo", *common, "--out", str(out), "--max-steps", "2", "--reward", "toy_rewards_c:first_letter",
-                 "--reward", "format", "--beta", "0.05", "--num-iterations", "2", "--loss-type", "dapo"]) == 0
+                 "--reward", "format", "--beta", "0.05", "--num-iterations", "2", "--loss-type", "dapo",
+                 "--oversample", "2"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert {"reward_first_letter", "reward_format", "kl", "zero_std_frac"} <= set(records[-1])
+    assert {"reward_first_letter", "reward_format", "kl", "zero_std_frac", "trained_zero_std_frac"} <= set(records[-1])
     rollouts = (out / "rollouts.jsonl").read_text().splitlines()
     assert len(rollouts) == 1  # two optimizer steps on one generated batch (--num-iterations 2)
     assert (out / "grpo.png").stat().st_size > 0 and (out / "final" / "model.safetensors").is_file()
     config = json.loads((out / "config.json").read_text())
-    assert config["grpo"]["beta"] == 0.05 and config["grpo"]["loss_type"] == "dapo"
+    assert config["grpo"]["beta"] == 0.05 and config["grpo"]["loss_type"] == "dapo" and config["grpo"]["oversample"] == 2
 
     assert main(["align-eval", "--checkpoint", checkpoint, str(out / "final"), "--out", str(tmp_path / "eval"),
                  "--per-task", "20", "--max-examples", "4", "--max-pairs", "4", "--max-new-tokens", "4"]) == 0
