@@ -514,7 +514,9 @@ def _decode_buckets(total: list[int]) -> list[tuple[int, int]]:
 
 
 def _paged_decode_index(k_cache, cache_seqlens, block_table, batch) -> _PagedDecodeIndex:
-    key = ("paged-decode", tuple(k_cache.shape), k_cache.device, batch)
+    # Tensors made under inference_mode cannot be updated in place or saved for backward outside it:
+    # cache per mode.
+    key = ("paged-decode", tuple(k_cache.shape), k_cache.device, batch, torch.is_inference_mode_enabled())
     if _REF_INDEX:
         old_key, old_seqlens, old_table, index = _REF_INDEX[0]
         if old_key == key and _same(old_seqlens, cache_seqlens) and _same(old_table, block_table):
@@ -545,7 +547,9 @@ _GATHER_BUFFERS = threading.local()
 def _gather_blocks(cache: torch.Tensor, read_blocks: torch.Tensor, name: str) -> torch.Tensor:
     flat = cache.view(cache.shape[0], -1)
     buffers = _GATHER_BUFFERS.__dict__.setdefault("buffers", {})
-    key, numel = (name, flat.dtype, flat.device), read_blocks.numel() * flat.shape[1]
+    # A buffer made under inference_mode cannot be written outside it (and vice versa is wasteful): per mode.
+    key = (name, flat.dtype, flat.device, torch.is_inference_mode_enabled())
+    numel = read_blocks.numel() * flat.shape[1]
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = buffers[key] = torch.empty(numel, dtype=flat.dtype, device=flat.device)

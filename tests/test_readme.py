@@ -184,11 +184,21 @@ def test_readme_generation_examples_run(checkout, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as a user runs it: the CPU reference ops
     # every generate example on the demo model (the draft-model one names placeholder folders: it only parses)
     generations = [argv for argv in COMMANDS if argv[:3] == ["generate", "--checkpoint", "runs/demo/final"]]
-    assert len(generations) == 4
+    assert len(generations) == 5
     for argv in generations:
+        if "--tensor-parallel" in argv:
+            continue  # starts ranks and a process group: below, in its own process as a user runs it
         out = _run(argv, capsys, stdin="import os" if argv[-1] == "-" or "-" in argv else None,
                    monkeypatch=monkeypatch)
         assert out.strip() or "--chat" in argv
+    import subprocess
+    import sys
+
+    (tensor_parallel,) = [argv for argv in generations if "--tensor-parallel" in argv]
+    result = subprocess.run([sys.executable, "-m", "tritium.cli", *tensor_parallel], capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
 
 
 @pytest.mark.slow

@@ -192,6 +192,22 @@ def test_traces_under_torch_compile(device):
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
+def test_reference_paged_path_works_outside_inference_mode_after_inside():
+    # The one-token path caches gather buffers and its index per thread; made under inference_mode (an
+    # engine step) they cannot be written outside it (a test, a user's own loop): each mode gets its own.
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, block_table = make_cache(3, 64, 2, 32, torch.float32, "cpu", 16, gen)
+    q = torch.randn(3, 1, 4, 32, generator=gen)
+    k_new, v_new = (torch.randn(3, 1, 2, 32, generator=gen) for _ in range(2))
+    seqlens = torch.tensor([5, 20, 33], dtype=torch.int32)
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    with torch.inference_mode():
+        inside = kvcache_attention_ref(q, *caches[0], k_new, v_new, cache_seqlens=seqlens, block_table=block_table)
+    outside = kvcache_attention_ref(q, *caches[1], k_new, v_new, cache_seqlens=seqlens, block_table=block_table)
+    torch.testing.assert_close(outside, inside.clone())
+    assert torch.equal(caches[0][0], caches[1][0])
+
+
 @pytest.mark.parametrize("cache_lens", [[0, 15, 32, 37], [37, 32, 15, 0]])  # the second: longest first
 @pytest.mark.parametrize("num_heads, num_kv_heads, page_size, dtype", [
     (6, 2, 16, torch.float32), (4, 1, 8, torch.float32), (6, 2, 16, torch.bfloat16)])

@@ -199,6 +199,19 @@ def _chi_square_p(counts_a: torch.Tensor, counts_b: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
 
 
+def _same_distribution_p(a: list, b: list) -> float:
+    """Chi-square p-value that two lists of sampled outcomes come from one distribution; outcomes seen
+    fewer than 10 times in both lists together are merged into one cell, so every expected count is
+    large enough for the test."""
+    keys = sorted(set(a) | set(b))
+    ca = torch.tensor([a.count(k) for k in keys], dtype=torch.float64)
+    cb = torch.tensor([b.count(k) for k in keys], dtype=torch.float64)
+    rare = (ca + cb) < 10
+    ca = torch.cat([ca[~rare], ca[rare].sum().view(1)])
+    cb = torch.cat([cb[~rare], cb[rare].sum().view(1)])
+    return _chi_square_p(ca, cb)
+
+
 def _goodness_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     keep = probs > 0
     assert counts[~keep].sum() == 0, "drew a token of probability zero"
@@ -274,14 +287,7 @@ def test_sampled_generation_follows_target_distribution(serve_model, tiny_tokeni
     b = [tuple(o.token_ids[:2]) for o in spec.generate([prompt] * rows, params_b)]
     stats = spec.speculative.stats
     assert 0.2 * stats.proposed < stats.accepted < 0.9 * stats.proposed
-    keys = sorted(set(a) | set(b))
-    count = lambda xs: torch.tensor([xs.count(k) for k in keys], dtype=torch.float64)  # noqa: E731
-    # Merge rare outcomes into one cell so every expected count is large enough for the test.
-    ca, cb = count(a), count(b)
-    rare = (ca + cb) < 10
-    ca = torch.cat([ca[~rare], ca[rare].sum().view(1)])
-    cb = torch.cat([cb[~rare], cb[rare].sum().view(1)])
-    assert _chi_square_p(ca, cb) > 1e-3
+    assert _same_distribution_p(a, b) > 1e-3
 
 
 def test_cli_generate_speculative_flags(serve_model, tiny_tokenizer, plain, tmp_path, capsys):
@@ -607,13 +613,7 @@ def test_engine_draft_sampled_follows_target_distribution(serve_model, tiny_toke
     b = [tuple(final[f"r{i}"].token_ids[:2]) for i in range(rows)]
     stats = spec.stats
     assert 0.3 * stats.proposed < stats.accepted < 0.95 * stats.proposed
-    keys = sorted(set(a) | set(b))
-    count = lambda xs: torch.tensor([xs.count(k) for k in keys], dtype=torch.float64)  # noqa: E731
-    ca, cb = count(a), count(b)
-    rare = (ca + cb) < 10
-    ca = torch.cat([ca[~rare], ca[rare].sum().view(1)])
-    cb = torch.cat([cb[~rare], cb[rare].sum().view(1)])
-    assert _chi_square_p(ca, cb) > 1e-3
+    assert _same_distribution_p(a, b) > 1e-3
     assert engine.stats()["spec_draft_kv_blocks_used"] == 0
 
 

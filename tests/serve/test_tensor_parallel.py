@@ -231,8 +231,23 @@ def test_generate_command_replicates_a_single_kv_head(serve_model, tiny_tokenize
     assert "12 completion tokens" in result.stderr
 
 
-def test_serve_command_answers_openai_client_and_all_ranks_exit(checkpoint, serve_model, tiny_tokenizer):
+def _wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float = 90) -> None:
+    """Poll /health until 200; fail with the process's stderr if it exits first."""
     import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.3)
+
+
+def test_serve_command_answers_openai_client_and_all_ranks_exit(checkpoint, serve_model, tiny_tokenizer):
     import openai
 
     port = free_port()
@@ -241,16 +256,7 @@ def test_serve_command_answers_openai_client_and_all_ranks_exit(checkpoint, serv
                                "--num-blocks", "16", "--block-size", "4", "--log-level", "warning"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.communicate()[1]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
+        _wait_until_healthy(server, port)
         ranks = psutil.Process(server.pid).children(recursive=True)
         assert len(ranks) == 1  # rank 1
 
@@ -308,16 +314,7 @@ def test_torchrun_sigterm_drains_in_flight_requests_then_every_rank_exits(checkp
                                  "16", "--block-size", "4", "--log-level", "warning"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
+        _wait_until_healthy(launcher, port)
         ranks = psutil.Process(launcher.pid).children(recursive=True)
         assert len(ranks) == 2
         body = {"prompt": "import os", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
