@@ -291,12 +291,14 @@ _ROPE_PREP: list = [None]
 
 def _rope_tables(cos, sin, T, half, acc):
     entry = _ROPE_PREP[0]
-    if entry is not None and entry[0] is cos and entry[1] is sin and entry[2] == (T, acc):
+    # Per inference mode too: tables made under inference_mode cannot be saved for backward outside it.
+    mode = (T, acc, torch.is_inference_mode_enabled())
+    if entry is not None and entry[0] is cos and entry[1] is sin and entry[2] == mode:
         return entry[3], entry[4]
     cos_t, sin_t = cos[..., :T, None, :].to(acc), sin[..., :T, None, :].to(acc)  # (.., T, 1, D): over heads
     sin_signed = torch.cat([-sin_t[..., :half], sin_t[..., half:]], dim=-1)
     if not (cos.requires_grad or sin.requires_grad):
-        _ROPE_PREP[0] = (cos, sin, (T, acc), cos_t, sin_signed)
+        _ROPE_PREP[0] = (cos, sin, mode, cos_t, sin_signed)
     return cos_t, sin_signed
 
 

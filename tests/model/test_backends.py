@@ -189,6 +189,22 @@ def test_varlen_backend_matches_torch(setup, launches, backend):
     assert set(launches) == LAUNCHING[backend], launches
 
 
+def test_eager_rope_after_inference_mode_still_trains():
+    # cos/sin prepared once per pass are cached by identity; prepared under inference_mode they cannot be
+    # saved for backward, so the same tables used for training afterwards must be prepared again.
+    from tritium.kernels import rope_cos_sin
+    from tritium.model.backends import apply_rope_eager
+
+    cos, sin = rope_cos_sin(8, 16, 10000.0)
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 1, 16)
+    with torch.inference_mode():
+        apply_rope_eager(q, k, cos, sin)
+    leaf = q.clone().requires_grad_()
+    out_q, _ = apply_rope_eager(leaf, k, cos, sin)
+    out_q.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_inference_path_equals_the_autograd_path(dtype):
     # Without gradients, eager rope skips its autograd.Function (and prepares cos/sin once per pass) and
