@@ -264,19 +264,14 @@ def load_state_dict(directory: str | Path, model, device=None, dtype: torch.dtyp
 
 def _read_tensors(directory: Path, device):
     """Yield (hf_name, tensor) from safetensors (single or sharded), else a legacy pytorch_model.bin."""
-    if (directory / INDEX_NAME).is_file():
-        files = _index_files(directory / INDEX_NAME)
-    elif (directory / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    elif (directory / LEGACY_INDEX_NAME).is_file() or (directory / LEGACY_NAME).is_file():
-        yield from _read_legacy(directory)
-        return
-    else:
+    files = safetensors_files(directory)
+    if not files:
+        if (directory / LEGACY_INDEX_NAME).is_file() or (directory / LEGACY_NAME).is_file():
+            yield from _read_legacy(directory)
+            return
         raise FileNotFoundError(f"no {WEIGHTS_NAME}, {INDEX_NAME} or {LEGACY_NAME} in {directory}")
     for file in files:
         path = directory / file
-        if not path.is_file():
-            raise CheckpointError(f"shard {path} listed in {INDEX_NAME} does not exist")
         try:
             with safe_open(path, framework="pt", device=str(device)) as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -285,6 +280,21 @@ def _read_tensors(directory: Path, device):
             raise
         except Exception as exc:  # noqa: BLE001 (safetensors raises its own types for bad headers/lengths)
             raise CheckpointError(f"{path} is truncated or not a valid safetensors file: {exc}") from None
+
+
+def safetensors_files(directory: Path) -> list[str]:
+    """A checkpoint's safetensors files: the shards its index lists (each must exist), or the single
+    ``model.safetensors``; [] when it has neither. ``CheckpointError`` for a bad index or a missing shard."""
+    if (directory / INDEX_NAME).is_file():
+        files = _index_files(directory / INDEX_NAME)
+    elif (directory / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME]
+    else:
+        return []
+    for file in files:
+        if not (directory / file).is_file():
+            raise CheckpointError(f"shard {directory / file} listed in {INDEX_NAME} does not exist")
+    return files
 
 
 def _index_files(index_path: Path) -> list[str]:

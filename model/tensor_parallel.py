@@ -28,7 +28,6 @@ slices with ``safe_open(...).get_slice`` -- no rank ever materialises another ra
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -44,6 +43,7 @@ from tritium.model.checkpoint import (
     _as_dtype,
     from_hf_name,
     read_config,
+    safetensors_files,
     to_hf_name,
     verify_checksums,
 )
@@ -153,12 +153,15 @@ def load_tensor_parallel(directory: str | Path, rank: int, tensor_parallel: int,
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    files = _tensor_files(directory)
+    files = safetensors_files(directory)
+    if not files:
+        raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}: tensor-parallel loading reads "
+                              f"safetensors slices (convert a pytorch_model.bin with Transformer.save_pretrained)")
     state = {}
-    for file, names in files.items():
+    for file in files:
         try:
             with safe_open(directory / file, framework="pt", device="cpu") as handle:
-                for hf_name in names:
+                for hf_name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                     name = from_hf_name(hf_name)
                     if hf_name.endswith(_IGNORED_SUFFIX) or (name == "lm_head.weight" and config.tie_embeddings):
                         continue
@@ -168,9 +171,10 @@ def load_tensor_parallel(directory: str | Path, rank: int, tensor_parallel: int,
                     part = handle.get_slice(hf_name)
                     full = tuple(part.get_shape())
                     spec = shard_spec(name, config, rank, tensor_parallel)
-                    if full != _full_shape(name, expected[name], config, tensor_parallel):
+                    want = _full_shape(name, expected[name], config, tensor_parallel)
+                    if full != want:
                         raise CheckpointError(f"{directory}: tensor {hf_name!r} has shape {full}, the config "
-                                              f"expects {_full_shape(name, expected[name], config, tensor_parallel)}")
+                                              f"expects {want}")
                     if spec is None:
                         tensor = part[:]
                     elif spec[0] == 0:
@@ -206,32 +210,6 @@ def _full_shape(name: str, local: tuple[int, ...], config: ModelConfig, tp: int)
     shape = list(local)
     shape[spec[0]] *= _split(name, config, tp)
     return tuple(shape)
-
-
-def _tensor_files(directory: Path) -> dict[str, list[str]]:
-    """{safetensors file: [hf tensor names]} from the index, or the single file."""
-    if (directory / INDEX_NAME).is_file():
-        try:
-            weight_map = json.loads((directory / INDEX_NAME).read_text())["weight_map"]
-            files: dict[str, list[str]] = {}
-            for name, file in weight_map.items():
-                files.setdefault(file, []).append(name)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{directory / INDEX_NAME} is not a valid index (need a 'weight_map' object): "
-                                  f"{exc}") from None
-        for file in files:
-            if not (directory / file).is_file():
-                raise CheckpointError(f"shard {directory / file} listed in {INDEX_NAME} does not exist")
-        return files
-    if (directory / WEIGHTS_NAME).is_file():
-        try:
-            with safe_open(directory / WEIGHTS_NAME, framework="pt", device="cpu") as handle:
-                return {WEIGHTS_NAME: list(handle.keys())}
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{directory / WEIGHTS_NAME} is truncated or not a valid safetensors file: "
-                                  f"{exc}") from None
-    raise CheckpointError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}: tensor-parallel loading reads "
-                          f"safetensors slices (convert a pytorch_model.bin with Transformer.save_pretrained)")
 
 
 def _verify_on_rank0(directory: Path, verify: bool | None, rank: int, tensor_parallel: int, group) -> None:
