@@ -31,7 +31,7 @@ from tritium.serve.block_pool import BlockManager
 from tritium.serve.kv_cache import PagedKVCache
 from tritium.serve.sampling import SamplingParams
 from tritium.serve.scheduler import Scheduler, SchedulerRequest
-from tritium.serve.sequence import SequenceState, check_prompt, last_token_logits, sample_for
+from tritium.serve.sequence import SequenceState, check_prompt, paged_forward, sample_for
 from tritium.serve.speculative import SpeculativeDecoder
 
 
@@ -231,20 +231,9 @@ class LLMEngine:
             # bucket of their own instead of padding every row to the longest (kernels/decode.py).
             order = sorted(range(len(rows)), key=lambda i: -rows[i][0].num_computed)
             rows = [rows[i] for i in order]
-        ids, positions, seqlens, last = [], [], [], []
-        limit = self.max_model_len - 1
-        for request, chunk in rows:
-            start = request.num_computed
-            ids.append(request.token_slice(start, chunk) + [0] * (T - chunk))
-            # Pad positions continue the row's positions (any valid position works: their outputs are unused).
-            positions.append([min(p, limit) for p in range(start, start + T)])
-            seqlens.append(start)
-            last.append(chunk - 1)
-        self.cache.prepare([self.blocks.table(r.request_id) for r, _ in rows], seqlens, T)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
-        position_ids = torch.tensor(positions, dtype=torch.long).to(self.device)
-        last_index = None if T == 1 else torch.tensor(last, dtype=torch.long).to(self.device)
-        logits = last_token_logits(self.model, input_ids, position_ids, self.cache, last_index=last_index)
+        logits = paged_forward(self.model, self.cache, [self.blocks.table(r.request_id) for r, _ in rows],
+                               [r.token_slice(r.num_computed, chunk) for r, chunk in rows],
+                               [r.num_computed for r, _ in rows], self.max_model_len, self.device)
         if order is not None and order != sorted(order):  # back to the caller's row order
             logits = torch.empty_like(logits).index_copy_(0, torch.tensor(order, device=logits.device), logits)
         return logits

@@ -154,6 +154,24 @@ def sample_for(states: Sequence[SequenceState], logits: torch.Tensor) -> tuple[l
     return token_list, logprob_list
 
 
+def paged_forward(model: torch.nn.Module, cache, tables: Sequence[Sequence[int]], feeds: Sequence[Sequence[int]],
+                  starts: Sequence[int], max_len: int, device: torch.device) -> torch.Tensor:
+    """Feed ``feeds[i]`` (token ids) of each row at position ``starts[i]`` over the paged ``cache`` whose
+    block tables are ``tables``; fp32 logits (B, V) at each row's last fed token.
+
+    Rows are right-padded to the longest feed; pad positions continue the row's own (clamped below
+    ``max_len``: any valid position works, their outputs are unused). Shared by the engine's model
+    runner and the speculative draft's paged cache."""
+    T = max(len(feed) for feed in feeds)
+    limit = max_len - 1
+    ids = [list(feed) + [0] * (T - len(feed)) for feed in feeds]
+    positions = [[min(p, limit) for p in range(start, start + T)] for start in starts]
+    cache.prepare(tables, list(starts), T)
+    last_index = None if T == 1 else torch.tensor([len(feed) - 1 for feed in feeds], dtype=torch.long).to(device)
+    return last_token_logits(model, torch.tensor(ids, dtype=torch.long).to(device),
+                             torch.tensor(positions, dtype=torch.long).to(device), cache, last_index=last_index)
+
+
 def last_token_logits(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, kv_cache,
                       last_index: torch.Tensor | None = None) -> torch.Tensor:
     """Forward through ``kv_cache`` and return fp32 logits (B, V) at ``last_index`` (B,) (default: the last

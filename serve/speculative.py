@@ -280,17 +280,10 @@ class PagedDraft:
 
     def _forward(self, rows: list[tuple[object, list[int], int]]) -> torch.Tensor:
         """Feed each (seq_id, tokens, start) row at its start position; fp32 logits (B, V) at its last token."""
-        from tritium.serve.sequence import last_token_logits
+        from tritium.serve.sequence import paged_forward
 
-        T = max(len(feed) for _, feed, _ in rows)
-        limit = self.max_len - 1
-        ids = [feed + [0] * (T - len(feed)) for _, feed, _ in rows]
-        positions = [[min(p, limit) for p in range(start, start + T)] for _, _, start in rows]
-        self.cache.prepare([self.blocks.table(seq_id) for seq_id, _, _ in rows], [start for _, _, start in rows], T)
-        last = torch.tensor([len(feed) - 1 for _, feed, _ in rows], dtype=torch.long).to(self.device)
-        return last_token_logits(self.model, torch.tensor(ids, dtype=torch.long).to(self.device),
-                                 torch.tensor(positions, dtype=torch.long).to(self.device), self.cache,
-                                 last_index=last)
+        return paged_forward(self.model, self.cache, [self.blocks.table(seq_id) for seq_id, _, _ in rows],
+                             [feed for _, feed, _ in rows], [start for _, _, start in rows], self.max_len, self.device)
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, budgets: Sequence[int]
