@@ -81,23 +81,33 @@ def load_for_inference(checkpoint: str | Path, tokenizer_path: str | Path | None
     ``verify`` False skips the ``checksums.sha256`` check (None: unless ``TRITIUM_VERIFY_CHECKSUMS=0``)."""
     import torch
 
-    from tritium.model.tokenizer import Tokenizer
     from tritium.model.transformer import Transformer
 
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
+    checkpoint, tokenizer = _open_checkpoint(checkpoint, tokenizer_path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    tokenizer = Tokenizer.load(tokenizer_path or checkpoint)
     model = Transformer.from_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device, backend=backend,
                                         verify=verify)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's "
-                         f"({model.config.vocab_size}): wrong tokenizer for this checkpoint?")
     return model.eval(), tokenizer
+
+
+def _open_checkpoint(checkpoint: str | Path, tokenizer_path: str | Path | None):
+    """(folder, tokenizer), the tokenizer checked against the folder's config.json before any weight is
+    read (or, with tensor parallelism, any rank started)."""
+    from tritium.model.checkpoint import read_config
+    from tritium.model.tokenizer import Tokenizer
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
+    tokenizer = Tokenizer.load(tokenizer_path or checkpoint)
+    vocab_size = read_config(checkpoint).vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's "
+                         f"({vocab_size}): wrong tokenizer for this checkpoint?")
+    return checkpoint, tokenizer
 
 
 def _check_same_tokenizer(draft_dir: Path, tokenizer_path: Path) -> None:
@@ -194,19 +204,11 @@ def load_model_and_tokenizer(args: argparse.Namespace):
         raise ValueError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
     if getattr(args, "speculative", None) is not None:
         raise ValueError("--speculative does not combine with --tensor-parallel yet")
-    from tritium.model.tokenizer import Tokenizer
     from tritium.serve.tensor_parallel import launch
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
-    tokenizer = Tokenizer.load(getattr(args, "tokenizer", None) or checkpoint)
+    checkpoint, tokenizer = _open_checkpoint(args.checkpoint, getattr(args, "tokenizer", None))
     model = launch(checkpoint, tensor_parallel, device=args.device, dtype=args.dtype, backend=args.backend,
                    verify=args.verify_checksums)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        model.close()
-        raise ValueError(f"tokenizer vocab ({tokenizer.vocab_size}) is larger than the model's "
-                         f"({model.config.vocab_size}): wrong tokenizer for this checkpoint?")
     return model, tokenizer
 
 

@@ -247,3 +247,20 @@ def test_generator_runs_the_triton_decode_kernel(triton_serve_model, tiny_tokeni
     assert [o.token_ids for o in outs] == [greedy_reference(p, 4) for p in prompts]
     # one prefill and three decode forwards, one launch per layer each
     assert decode_launches.launches == 4 * triton_serve_model.config.num_layers
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_any_weight_is_read(tmp_path, tiny_tokenizer_dir):
+    # The check reads config.json only: with the weights gone, the vocabulary error still comes first.
+    import shutil
+
+    from tritium.model.config import ModelConfig
+    from tritium.model.transformer import Transformer
+    from tritium.serve.cli_generate import load_for_inference
+
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, ffn_hidden=64,
+                      vocab_size=512, max_seq_len=32)
+    Transformer(cfg).save_pretrained(tmp_path)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer vocab \(2048\) is larger than the model's \(512\)"):
+        load_for_inference(tmp_path, device="cpu")
