@@ -213,7 +213,9 @@ def _full_shape(name: str, local: tuple[int, ...], config: ModelConfig, tp: int)
 
 
 def _verify_on_rank0(directory: Path, verify: bool | None, rank: int, tensor_parallel: int, group) -> None:
-    if tensor_parallel == 1 or not dist.is_initialized():
+    # Coordinate only inside a world of the tensor-parallel ranks: a process group left by something else
+    # (an in-process training run, a 1-rank world) must not turn rank r > 0 into "rank 0 checked it".
+    if tensor_parallel == 1 or not dist.is_initialized() or dist.get_world_size(group) != tensor_parallel:
         verify_checksums(directory, verify)
         return
     failure: CheckpointError | None = None
